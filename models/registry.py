@@ -1,0 +1,101 @@
+"""Declarative architecture table.
+
+Names are regular expressions over module names *inside one decoder layer*
+(llm-compressor style mappings), so one entry covers every layer.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from fptq_onnx.errors import FptqError
+
+
+@dataclass(frozen=True)
+class EqualizationGroup:
+    """A norm whose output feeds `linears`: a per-channel scale can fold into the norm weight."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LinearPair:
+    """`producer`'s output rows feed `consumer`'s input channels one to one.
+
+    `per_head` marks pairs where the producer's output is shared by several consumer
+    heads (v_proj -> o_proj under grouped-query attention): a scale folds only if it
+    is equal across the query heads that share one KV head.
+    """
+
+    producer: str
+    consumer: str
+    per_head: bool = False
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    name: str
+    model_types: tuple[str, ...]
+    layers_path: str
+    groups: tuple[EqualizationGroup, ...]
+    pairs: tuple[LinearPair, ...]
+    # Linears that are never quantized (their input is the final norm; the paper keeps them float).
+    keep_float: tuple[str, ...] = ("lm_head",)
+    io_inputs: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
+    past_key_format: str = "past_key_values.{layer}.{kind}"
+    present_key_format: str = "present.{layer}.{kind}"
+    notes: str = field(default="", compare=False)
+
+    def linears(self) -> tuple[str, ...]:
+        """Every quantizable linear inside one decoder layer, in execution order."""
+        return tuple(name for group in self.groups for name in group.linears) + tuple(
+            pair.consumer for pair in self.pairs
+        )
+
+    def past_names(self, num_layers: int) -> list[str]:
+        return [self.past_key_format.format(layer=i, kind=k) for i in range(num_layers) for k in ("key", "value")]
+
+    def present_names(self, num_layers: int) -> list[str]:
+        return [self.present_key_format.format(layer=i, kind=k) for i in range(num_layers) for k in ("key", "value")]
+
+
+_LLAMA_LIKE_GROUPS = (
+    EqualizationGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    EqualizationGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+_LLAMA_LIKE_PAIRS = (
+    LinearPair("self_attn.v_proj", "self_attn.o_proj", per_head=True),
+    LinearPair("mlp.up_proj", "mlp.down_proj"),
+)
+
+ARCHITECTURES: tuple[ArchSpec, ...] = (
+    ArchSpec("llama", ("llama",), "model.layers", _LLAMA_LIKE_GROUPS, _LLAMA_LIKE_PAIRS, notes="LLaMA 1/2/3, SmolLM"),
+    ArchSpec("mistral", ("mistral",), "model.layers", _LLAMA_LIKE_GROUPS, _LLAMA_LIKE_PAIRS),
+    ArchSpec("qwen2", ("qwen2",), "model.layers", _LLAMA_LIKE_GROUPS, _LLAMA_LIKE_PAIRS, notes="q/k/v carry biases"),
+    ArchSpec("qwen3", ("qwen3",), "model.layers", _LLAMA_LIKE_GROUPS, _LLAMA_LIKE_PAIRS, notes="per-head q/k norms after the projections"),
+)
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for spec in ARCHITECTURES for t in spec.model_types)
+
+
+def spec_for(model_type: str) -> ArchSpec:
+    for spec in ARCHITECTURES:
+        if model_type in spec.model_types:
+            return spec
+    raise FptqError(
+        f"unsupported architecture '{model_type}'; supported: {', '.join(supported_model_types())}"
+    )
+
+
+def layer_prefix(spec: ArchSpec, layer: int) -> str:
+    return f"{spec.layers_path}.{layer}."
+
+
+def split_layer_name(spec: ArchSpec, module_name: str) -> tuple[int, str] | None:
+    """'model.layers.3.mlp.up_proj' -> (3, 'mlp.up_proj'); None outside the decoder layers."""
+    match = re.fullmatch(re.escape(spec.layers_path) + r"\.(\d+)\.(.+)", module_name)
+    return (int(match.group(1)), match.group(2)) if match else None

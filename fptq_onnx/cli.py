@@ -57,6 +57,67 @@ def generate(
     print()
 
 
+@app.command()
+def convert(
+    model: ModelArg = None,
+    out: OutArg = Path("model.onnx"),
+    method: Annotated[str, typer.Option(help="Quantization method (see `fptq-onnx methods`).")] = "fptq",
+    format: Annotated[str, typer.Option("--format", help="Comma list of qdq, native; the first is OUT, others OUT.<fmt>.onnx.")] = "qdq,native",
+    group_size: Annotated[int, typer.Option(help="int4 weight group size along K (power of two >= 16).")] = 128,
+    asym: Annotated[bool, typer.Option("--asym", help="Asymmetric int4 weights (zero points).")] = False,
+    v0: Annotated[float, typer.Option(help="FPTQ: below this max|X| -> per-tensor static int8.")] = 15.0,
+    v1: Annotated[float, typer.Option(help="FPTQ: at or above this max|X| -> per-token dynamic int8.")] = 150.0,
+    fold_pairs: Annotated[bool, typer.Option("--fold-pairs", help="FPTQ extension: LAE for o_proj/down_proj folded into v_proj/up_proj.")] = False,
+    act_clip: Annotated[str, typer.Option(help="Static activation range: 'max' or a percentile of token maxima, e.g. p99.9.")] = "max",
+    calib: Annotated[str, typer.Option(help="Calibration source: wikitext2, random (data-free), or a .txt/.jsonl file.")] = "wikitext2",
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    data_dir: Annotated[Optional[str], typer.Option(help="Data dir (WikiText-2, tasks); default $FPTQ_DATA_DIR.")] = None,
+    ppl_windows: Annotated[int, typer.Option(help="Quick WikiText-2 perplexity windows after convert (0 = skip).")] = 4,
+    verify: Annotated[bool, typer.Option(help="Check each output against the torch fake-quant reference.")] = True,
+    tolerance: Annotated[float, typer.Option(help="Max abs logits difference allowed for the qdq model.")] = 0.5,
+    force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (.bin) weights, which can run code.")] = False,
+) -> None:
+    """Calibrate, apply the quantization method, export and write the quantized ONNX model(s)."""
+    from fptq_onnx.calibration import CalibrationConfig
+    from fptq_onnx.convert import ConvertOptions, convert_command
+    from fptq_onnx.formats import parse_formats
+
+    options = ConvertOptions(
+        method=method,
+        formats=parse_formats(format),
+        algorithm_options=dict(group_size=group_size, symmetric=not asym, v0=v0, v1=v1, fold_pairs=fold_pairs,
+                               act_clip=act_clip),
+        calibration=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
+                                      data_dir=data_dir),
+        verify=verify, tolerance=tolerance, ppl_windows=ppl_windows, data_dir=data_dir, force=force,
+        allow_pickle=allow_pickle,
+    )
+    convert_command(model, out, options)
+
+
+@app.command()
+def inspect(
+    onnx_model: Annotated[Path, typer.Argument(help="A model written by `fptq-onnx convert`.")],
+) -> None:
+    """Print the per-layer decisions recorded in the model's manifest."""
+    from fptq_onnx.inspection import format_manifest
+    from fptq_onnx.plan import read_manifest
+
+    print(format_manifest(read_manifest(onnx_model)))
+
+
+@app.command()
+def methods() -> None:
+    """List the quantization methods."""
+    from fptq_onnx.algorithms import ALGORITHMS
+
+    for algorithm in ALGORITHMS.values():
+        print(f"{algorithm.name:12s} {algorithm.summary}")
+
+
 def _quiet_libraries() -> None:
     """torch/transformers deprecation chatter drowns our progress lines; users see ours."""
     import logging

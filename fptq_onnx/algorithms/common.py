@@ -1,0 +1,86 @@
+"""Steps every algorithm shares: read float weights, apply equalizations, quantize, clip scales."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fptq_onnx.calibration import LinearStats, decoder_linears
+from fptq_onnx.errors import FptqError
+from fptq_onnx.models.registry import ArchSpec, LinearPair
+from fptq_onnx.plan import Equalization
+from fptq_onnx.quant import QuantizedWeight, quantize_int4, static_scale
+
+
+def check_group_size(group_size: int) -> None:
+    if group_size < 16 or group_size & (group_size - 1):
+        raise FptqError(f"group size must be a power of two >= 16, got {group_size}")
+
+
+def float_weights(model: torch.nn.Module, spec: ArchSpec) -> dict[str, np.ndarray]:
+    """Every decoder linear's weight as [K, N] (the ONNX MatMul B layout), float32 copies."""
+    return {name: m.weight.detach().float().numpy().T.copy() for name, m in decoder_linears(model, spec).items()}
+
+
+def apply_equalizations(weights: dict[str, np.ndarray], equalizations: list[Equalization]) -> dict[str, np.ndarray]:
+    """W * s on the consumers' input rows; W / s on a producing linear's output columns."""
+    out = dict(weights)
+    for eq in equalizations:
+        for name in eq.linears:
+            out[name] = out[name] * eq.scale[:, None]
+        if eq.kind == "linear":
+            out[eq.source] = out[eq.source] / eq.source_side()[None, :]
+    return out
+
+
+def quantize_weights(
+    weights: dict[str, np.ndarray], group_size: int, symmetric: bool
+) -> dict[str, QuantizedWeight]:
+    return {name: quantize_int4(w, group_size, symmetric) for name, w in weights.items()}
+
+
+def clipped_static_scale(stats: LinearStats, clip: str, equalization: np.ndarray | None = None) -> tuple[float, float]:
+    """(max |X| the scale covers, scale) for a per-tensor static int8 activation.
+
+    clip 'max' covers the calibrated maximum; 'pXX.X' covers that percentile of the
+    per-token maxima (outlier tokens then saturate instead of stretching the grid).
+    With an equalization the covered max is of X / s.
+    """
+    channel_max = stats.channel_max_np()
+    if equalization is not None:
+        channel_max = channel_max / equalization
+    full = float(channel_max.max())
+    if clip == "max":
+        return full, static_scale(full)
+    if not clip.startswith("p"):
+        raise FptqError(f"unknown activation clip '{clip}'; use 'max' or a percentile like 'p99.9'")
+    try:
+        pct = float(clip[1:])
+    except ValueError:
+        raise FptqError(f"unknown activation clip '{clip}'; use 'max' or a percentile like 'p99.9'") from None
+    if not 0 < pct <= 100:
+        raise FptqError(f"activation clip percentile must be in (0, 100], got {pct}")
+    token_max = stats.token_max_np()
+    # Token maxima are pre-equalization; scale them by the tensor-level shrink the equalization gives.
+    shrink = full / stats.max_abs if stats.max_abs > 0 else 1.0
+    covered = min(float(np.percentile(token_max, pct)) * shrink, full)
+    return covered, static_scale(covered)
+
+
+def grouped_head_scale(channel_max: np.ndarray, pair: LinearPair, num_heads: int, num_kv_heads: int) -> np.ndarray:
+    """For v_proj -> o_proj under GQA: the max over query heads sharing a KV head, per head dim.
+
+    Returns the max per *producer* channel ([kv_heads * head_dim]); the consumer's
+    per-channel vector is its repetition over the query heads of each group.
+    """
+    if not pair.per_head:
+        return channel_max
+    head_dim = channel_max.size // num_heads
+    rep = num_heads // num_kv_heads
+    return channel_max.reshape(num_kv_heads, rep, head_dim).max(axis=1).reshape(-1)
+
+
+def expand_heads(kv_side: np.ndarray, num_heads: int, num_kv_heads: int) -> np.ndarray:
+    head_dim = kv_side.size // num_kv_heads
+    rep = num_heads // num_kv_heads
+    return np.repeat(kv_side.reshape(num_kv_heads, 1, head_dim), rep, axis=1).reshape(-1)

@@ -1,0 +1,106 @@
+"""FPTQ (arXiv 2308.15987): per-layer activation policy from calibrated max |X|, LAE, int4 RTN weights.
+
+Policy on the pre-equalization max |X| of a linear's input:
+  max < v0          -> per-tensor static int8
+  v0 <= max < v1    -> Logarithmic Activation Equalization, then per-tensor static int8
+  max >= v1         -> per-token dynamic int8
+LAE needs somewhere to fold 1/s. Norm-fed linears (q/k/v, gate/up) fold it into
+the norm; o_proj and down_proj have no norm in front, so by default they fall back
+to per-token. `fold_pairs` is our extension: fold their s into the producing
+linear's output rows (up_proj for down_proj; v_proj for o_proj when equal across
+the query heads sharing a KV head).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from fptq_onnx.algorithms.common import (
+    apply_equalizations,
+    check_group_size,
+    clipped_static_scale,
+    expand_heads,
+    float_weights,
+    grouped_head_scale,
+    quantize_weights,
+)
+from fptq_onnx.calibration import LinearStats
+from fptq_onnx.errors import FptqError
+from fptq_onnx.models.registry import ArchSpec, layer_prefix
+from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
+from fptq_onnx.quant import lae_scales
+
+
+@dataclass(frozen=True)
+class FptqConfig:
+    v0: float = 15.0
+    v1: float = 150.0
+    group_size: int = 128
+    symmetric: bool = True
+    fold_pairs: bool = False
+    act_clip: str = "max"
+
+    def validate(self) -> None:
+        check_group_size(self.group_size)
+        if not 0 < self.v0 < self.v1:
+            raise FptqError(f"thresholds must satisfy 0 < v0 < v1, got v0={self.v0}, v1={self.v1}")
+
+
+def build_plan(model: torch.nn.Module, spec: ArchSpec, stats: dict[str, LinearStats], config: FptqConfig,
+               calibration: dict) -> QuantPlan:
+    config.validate()
+    cfg = model.config
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    plan = QuantPlan(method="fptq", config=asdict(config), calibration=calibration)
+
+    def static(name: str, strategy: str, eq: Equalization | None, reason: str) -> LinearPlan:
+        s = eq.scale if eq is not None else None
+        covered, scale = clipped_static_scale(stats[name], config.act_clip, s)
+        return LinearPlan(name, strategy, ActMode.STATIC, stats[name].max_abs, covered, scale,
+                          equalized_by=eq.source if eq else None, reason=reason)
+
+    def per_token(name: str, reason: str) -> LinearPlan:
+        m = stats[name].max_abs
+        return LinearPlan(name, "per_token", ActMode.PER_TOKEN, m, m, reason=reason)
+
+    for layer in range(cfg.num_hidden_layers):
+        prefix = layer_prefix(spec, layer)
+        for group in spec.groups:
+            names = [prefix + linear for linear in group.linears]
+            m = stats[names[0]].max_abs  # consumers of one norm share one input
+            if m < config.v0:
+                for name in names:
+                    plan.linears[name] = static(name, "static", None, f"max {m:.1f} < v0={config.v0:g}")
+            elif m < config.v1:
+                eq = Equalization(prefix + group.norm, "norm", names, lae_scales(stats[names[0]].channel_max_np()), "lae")
+                plan.equalizations.append(eq)
+                for name in names:
+                    plan.linears[name] = static(name, "lae+static", eq, f"v0 <= max {m:.1f} < v1={config.v1:g}; s folded into {group.norm}")
+            else:
+                for name in names:
+                    plan.linears[name] = per_token(name, f"max {m:.1f} >= v1={config.v1:g}")
+        for pair in spec.pairs:
+            name, producer = prefix + pair.consumer, prefix + pair.producer
+            m = stats[name].max_abs
+            if m < config.v0:
+                plan.linears[name] = static(name, "static", None, f"max {m:.1f} < v0={config.v0:g}")
+            elif m < config.v1 and config.fold_pairs:
+                producer_side = lae_scales(grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads))
+                consumer_side = expand_heads(producer_side, heads, kv_heads) if pair.per_head else producer_side
+                eq = Equalization(producer, "linear", [name], consumer_side, "lae",
+                                  source_scale=producer_side if pair.per_head else None)
+                plan.equalizations.append(eq)
+                plan.linears[name] = static(name, "lae+static", eq, f"v0 <= max {m:.1f} < v1; s folded into {pair.producer} rows")
+            elif m < config.v1:
+                plan.linears[name] = per_token(name, f"v0 <= max {m:.1f} < v1 but no norm to fold LAE into (--fold-pairs folds into {pair.producer})")
+            else:
+                plan.linears[name] = per_token(name, f"max {m:.1f} >= v1={config.v1:g}")
+
+    weights = apply_equalizations(float_weights(model, spec), plan.equalizations)
+    for name, qw in quantize_weights(weights, config.group_size, config.symmetric).items():
+        plan.linears[name].weight = qw
+    return plan

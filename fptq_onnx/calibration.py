@@ -1,0 +1,152 @@
+"""Calibration: token batches from a source, and per-linear input statistics from torch hooks.
+
+Memory stays bounded: hooks keep running per-channel maxima and sums plus one
+max per token, never the activations themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from fptq_onnx.errors import FptqError
+from fptq_onnx.models.registry import ArchSpec
+
+RANDOM_SOURCE = "random"
+WIKITEXT2_SOURCE = "wikitext2"
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Where calibration tokens come from and how many.
+
+    source: 'wikitext2' (from the data dir), 'random' (data-free random vocabulary
+    tokens; FPTQ's Table 6 found these often as good as text), or a .txt/.jsonl file.
+    """
+
+    source: str = WIKITEXT2_SOURCE
+    samples: int = 32
+    seqlen: int = 512
+    seed: int = 0
+    data_dir: str | None = None
+
+    def describe(self) -> dict:
+        return {"source": self.source, "samples": self.samples, "seqlen": self.seqlen, "seed": self.seed}
+
+
+@dataclass
+class LinearStats:
+    """Running statistics of one linear's input X ([tokens, K])."""
+
+    channel_max: torch.Tensor
+    channel_abs_sum: torch.Tensor
+    token_max: list[torch.Tensor] = field(default_factory=list)
+    tokens: int = 0
+
+    @property
+    def max_abs(self) -> float:
+        return float(self.channel_max.max())
+
+    def channel_max_np(self) -> np.ndarray:
+        return self.channel_max.numpy().astype(np.float32)
+
+    def channel_mean_np(self) -> np.ndarray:
+        return (self.channel_abs_sum / max(self.tokens, 1)).numpy().astype(np.float32)
+
+    def token_max_np(self) -> np.ndarray:
+        return torch.cat(self.token_max).numpy() if self.token_max else np.zeros(0, np.float32)
+
+
+def _text_rows(config: CalibrationConfig) -> list[str]:
+    from fptq_onnx.evaluation.data import WIKITEXT2_FILE, data_file, read_text_rows, resolve_data_dir
+
+    if config.source == WIKITEXT2_SOURCE:
+        return read_text_rows(data_file(resolve_data_dir(config.data_dir), WIKITEXT2_FILE))
+    path = Path(config.source).expanduser()
+    if not path.is_file():
+        raise FptqError(
+            f"calibration source '{config.source}' is neither 'wikitext2', 'random' nor an existing .txt/.jsonl file"
+        )
+    return read_text_rows(path)
+
+
+def calibration_tokens(config: CalibrationConfig, tokenizer, vocab_size: int) -> torch.Tensor:
+    """[samples, seqlen] int64 token windows (random starts over the text, fixed seed)."""
+    if config.samples < 1 or config.seqlen < 2:
+        raise FptqError("calibration needs at least 1 sample of at least 2 tokens")
+    gen = torch.Generator().manual_seed(config.seed)
+    if config.source == RANDOM_SOURCE:
+        return torch.randint(0, vocab_size, (config.samples, config.seqlen), generator=gen)
+    rows = _text_rows(config)
+    # Enough text for the windows with margin, without tokenizing a whole corpus.
+    budget = config.samples * config.seqlen * 8
+    text, used = [], 0
+    for row in rows:
+        text.append(row)
+        used += len(row)
+        if used > budget:
+            break
+    ids = tokenizer("\n\n".join(text), add_special_tokens=False)["input_ids"]
+    if len(ids) < config.seqlen + 1:
+        raise FptqError(
+            f"calibration text '{config.source}' has {len(ids)} tokens; need at least {config.seqlen + 1} "
+            f"(lower --calib-seqlen or give more text)"
+        )
+    starts = torch.randint(0, len(ids) - config.seqlen, (config.samples,), generator=gen)
+    tokens = torch.tensor(ids, dtype=torch.long)
+    return torch.stack([tokens[s : s + config.seqlen] for s in starts.tolist()])
+
+
+def decoder_linears(model: torch.nn.Module, spec: ArchSpec) -> dict[str, torch.nn.Linear]:
+    """The quantizable linears, keyed by module name, in model order."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(spec.layers_path + ".")
+    }
+
+
+def collect_stats(
+    model: torch.nn.Module, spec: ArchSpec, tokens: torch.Tensor, progress: bool = True
+) -> dict[str, LinearStats]:
+    """Run the calibration windows one by one and record every decoder linear's input stats."""
+    linears = decoder_linears(model, spec)
+    stats: dict[str, LinearStats] = {}
+    batch_index = [0]
+
+    def hook_for(name: str, k: int):
+        def hook(_module, args):
+            x = args[0].detach().reshape(-1, k).float()
+            if not torch.isfinite(x).all():
+                raise FptqError(
+                    f"NaN/inf in calibration activations at the input of {name} (sample {batch_index[0]}); "
+                    "the model or its weights are broken for this input"
+                )
+            absx = x.abs()
+            entry = stats.get(name)
+            if entry is None:
+                entry = stats[name] = LinearStats(torch.zeros(k), torch.zeros(k, dtype=torch.float64))
+            torch.maximum(entry.channel_max, absx.amax(dim=0), out=entry.channel_max)
+            entry.channel_abs_sum += absx.sum(dim=0, dtype=torch.float64)
+            entry.token_max.append(absx.amax(dim=1))
+            entry.tokens += x.shape[0]
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(hook_for(n, m.in_features)) for n, m in linears.items()]
+    try:
+        with torch.no_grad():
+            for i in tqdm(range(tokens.shape[0]), desc="calibrating", unit="sample", disable=not progress):
+                batch_index[0] = i
+                model(input_ids=tokens[i : i + 1], use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    missing = set(linears) - set(stats)
+    if missing:
+        raise FptqError(f"calibration never reached {sorted(missing)[0]}; is the model complete?")
+    return stats

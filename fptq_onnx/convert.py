@@ -1,0 +1,120 @@
+"""`convert`: HF model -> calibrate (torch) -> decide per layer -> export -> passes -> save.
+
+Each requested format is written as its own bundle (model, data file, manifest,
+range plot, tokenizer/config), checked against the torch fake-quant reference of
+the same plan, and scored on a few perplexity windows.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx_ir as ir
+
+from fptq_onnx import algorithms
+from fptq_onnx.calibration import CalibrationConfig, calibration_tokens, collect_stats
+from fptq_onnx.errors import FptqError
+from fptq_onnx.export import export_float
+from fptq_onnx.fakequant import apply_plan
+from fptq_onnx.formats import apply_format
+from fptq_onnx.pipeline import LoadedModel, load, write_bundle
+from fptq_onnx.plan import QuantPlan, manifest_path, to_json
+from fptq_onnx.plot import plot_ranges
+from fptq_onnx.report import peak_rss_mb, say, step
+from fptq_onnx.saving import check_output_path
+
+
+@dataclass
+class ConvertOptions:
+    method: str = "fptq"
+    formats: list[str] = field(default_factory=lambda: ["qdq", "native"])
+    algorithm_options: dict = field(default_factory=dict)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    verify: bool = True
+    tolerance: float = 0.5
+    ppl_windows: int = 4
+    ppl_seqlen: int = 512
+    data_dir: str | None = None
+    force: bool = False
+    allow_pickle: bool = False
+    progress: bool = True
+
+
+def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
+    """The first format takes OUT.onnx; the others OUT.<format>.onnx."""
+    return {fmt: out if i == 0 else out.with_name(f"{out.stem}.{fmt}.onnx") for i, fmt in enumerate(formats)}
+
+
+def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -> dict[str, dict]:
+    start = time.perf_counter()
+    algorithm = algorithms.get(options.method)
+    config = algorithms.make_config(algorithm, options.algorithm_options)
+    paths = output_paths(out, options.formats)
+    for path in paths.values():
+        check_output_path(path, options.force)
+    loaded = load(model_arg, allow_pickle=options.allow_pickle)
+    plan = make_plan(loaded, algorithm, config, options)
+    say(f"  decisions: {plan.counts()}")
+    with step("exporting float model to ONNX"):
+        float_model = export_float(loaded.model, loaded.spec)
+    results = {}
+    for fmt, path in paths.items():
+        results[fmt] = write_format(float_model, plan, fmt, path, loaded, options)
+    say(f"converted in {time.perf_counter() - start:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
+    return results
+
+
+def make_plan(loaded: LoadedModel, algorithm: algorithms.Algorithm, config, options: ConvertOptions) -> QuantPlan:
+    with step(f"calibrating ({options.calibration.source}, {options.calibration.samples} x {options.calibration.seqlen} tokens)"):
+        tokens = calibration_tokens(options.calibration, loaded.tokenizer, loaded.model.config.vocab_size)
+        stats = collect_stats(loaded.model, loaded.spec, tokens, progress=options.progress)
+    with step(f"planning ({algorithm.name})"):
+        return algorithm.build_plan(loaded.model, loaded.spec, stats, config, options.calibration.describe())
+
+
+def _copy(model: ir.Model) -> ir.Model:
+    return ir.from_proto(ir.to_proto(model))
+
+
+def write_format(float_model: ir.Model, plan: QuantPlan, fmt: str, path: Path, loaded: LoadedModel,
+                 options: ConvertOptions) -> dict:
+    with step(f"applying passes for '{fmt}'"):
+        model = apply_format(_copy(float_model), plan, fmt)
+    # The qdq model is checked against the full fake-quant reference; native uses ORT's own
+    # per-block activation rounding, so its reference is the weight-only model.
+    reference = apply_plan(loaded.model, loaded.spec, plan, activations=(fmt == "qdq")) if options.verify else None
+    parity = write_bundle(model, path, loaded, reference, options.tolerance if fmt == "qdq" else None)
+    manifest = plan.manifest(format=fmt, model=loaded.source.label, architecture=loaded.spec.name,
+                             parity=None if parity is None else parity.__dict__)
+    if options.ppl_windows > 0:
+        manifest["quick_perplexity"] = quick_perplexity(path, reference, loaded, options)
+    manifest_path(path).write_text(to_json(manifest))
+    plot_ranges(manifest, path.with_name(path.stem + ".ranges.png"))
+    say(f"  wrote {path}, {manifest_path(path).name}, {path.stem}.ranges.png")
+    return manifest
+
+
+def quick_perplexity(path: Path, reference, loaded: LoadedModel, options: ConvertOptions) -> dict | None:
+    """A few WikiText-2 windows through ONNX Runtime (and the float torch model for contrast)."""
+    import numpy as np
+    import torch
+
+    from fptq_onnx.evaluation.perplexity import wikitext2_perplexity
+    from fptq_onnx.runtime import OnnxCausalLM
+
+    def torch_scorer(ids: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return loaded.model(input_ids=torch.from_numpy(ids)).logits.numpy()
+
+    kwargs = dict(data_dir=options.data_dir, seqlen=options.ppl_seqlen, limit=options.ppl_windows)
+    try:
+        with step(f"quick perplexity ({options.ppl_windows} WikiText-2 windows of {options.ppl_seqlen})"):
+            quantized = wikitext2_perplexity(OnnxCausalLM(path), loaded.tokenizer, **kwargs)["perplexity"]
+            floating = wikitext2_perplexity(torch_scorer, loaded.tokenizer, **kwargs)["perplexity"]
+            say(f"  perplexity: float {floating:.3f}, {path.name} {quantized:.3f} ({quantized / floating:.3f}x)")
+    except FptqError as exc:
+        say(f"  skipped quick perplexity: {exc}")
+        return None
+    return {"windows": options.ppl_windows, "seqlen": options.ppl_seqlen, "float": floating, "quantized": quantized}

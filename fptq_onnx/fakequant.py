@@ -1,0 +1,55 @@
+"""Apply a QuantPlan to a torch copy of the model (fake quantization).
+
+This is the reference the quantized ONNX model is checked against: the same
+folds, the same int4 weights (taken from the plan, not recomputed), and
+activation rounding written exactly like the ONNX Q/DQ and per-token subgraph.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from fptq_onnx.calibration import decoder_linears
+from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.passes.quantize_activations import PER_TOKEN_EPS
+from fptq_onnx.plan import ActMode, QuantPlan
+from fptq_onnx.quant import INT8_MAX
+
+
+def fake_quant_static(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return torch.clamp(torch.round(x / scale), -128, 127) * scale
+
+
+def fake_quant_per_token(x: torch.Tensor) -> torch.Tensor:
+    s = torch.clamp(x.abs().amax(dim=-1, keepdim=True), min=PER_TOKEN_EPS) / INT8_MAX
+    return torch.clamp(torch.round(x / s), -INT8_MAX, INT8_MAX) * s
+
+
+def apply_plan(model: torch.nn.Module, spec: ArchSpec, plan: QuantPlan, activations: bool = True) -> torch.nn.Module:
+    """A fake-quantized deep copy; `activations=False` gives the weight-only (W4A16) model."""
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    linears = decoder_linears(model, spec)
+    with torch.no_grad():
+        for eq in plan.equalizations:
+            source = modules[eq.source]
+            side = torch.from_numpy(eq.source_side())
+            if eq.kind == "norm":
+                source.weight.div_(side)
+            else:
+                source.weight.div_(side[:, None])
+                if source.bias is not None:
+                    source.bias.div_(side)
+        for name, lp in plan.linears.items():
+            if lp.weight is not None:
+                linears[name].weight.copy_(torch.from_numpy(lp.weight.dequantize().T))
+    if activations:
+        for name, lp in plan.linears.items():
+            if lp.act_mode == ActMode.STATIC:
+                scale = lp.act_scale
+                linears[name].register_forward_pre_hook(lambda _m, a, s=scale: (fake_quant_static(a[0], s),))
+            elif lp.act_mode == ActMode.PER_TOKEN:
+                linears[name].register_forward_pre_hook(lambda _m, a: (fake_quant_per_token(a[0]),))
+    return model

@@ -1,0 +1,57 @@
+"""Output formats: which passes turn the float export + plan into each kind of model.
+
+qdq     portable: int4 weight DQ + explicit int8 activation Q/DQ (or per-token subgraph);
+        what TensorRT/QNN-style EPs consume; slow on ORT CPU (activation Q/DQ blocks
+        ORT's int4 fusion).
+native  equalization folded, int4 weight DQ + MatMul, no activation Q/DQ: ORT fuses it
+        into MatMulNBits with its own per-block int8 activations; fast on stock ORT.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import onnx_ir as ir
+
+from fptq_onnx.errors import FptqError
+from fptq_onnx.passes.fold_scales import FoldScalesPass
+from fptq_onnx.passes.quantize_activations import QuantizeActivationsPass
+from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
+from fptq_onnx.passes.stamp_decisions import StampDecisionsPass
+from fptq_onnx.plan import QuantPlan
+
+
+def _weights(plan: QuantPlan) -> dict:
+    return {n: lp.weight for n, lp in plan.linears.items() if lp.weight is not None}
+
+
+def qdq_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
+    return [
+        FoldScalesPass(plan.equalizations),
+        QuantizeWeightsPass(_weights(plan)),
+        QuantizeActivationsPass({n: (lp.act_mode, lp.act_scale) for n, lp in plan.linears.items()}),
+        StampDecisionsPass(plan, "qdq"),
+    ]
+
+
+def native_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
+    return [FoldScalesPass(plan.equalizations), QuantizeWeightsPass(_weights(plan)), StampDecisionsPass(plan, "native")]
+
+
+FORMATS: dict[str, Callable[[QuantPlan], list[ir.passes.PassBase]]] = {
+    "qdq": qdq_passes,
+    "native": native_passes,
+}
+
+
+def parse_formats(text: str) -> list[str]:
+    formats = [f.strip() for f in text.split(",") if f.strip()]
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown or not formats:
+        raise FptqError(f"unknown format '{','.join(unknown) or text}'; known: {', '.join(FORMATS)}")
+    return list(dict.fromkeys(formats))
+
+
+def apply_format(model: ir.Model, plan: QuantPlan, fmt: str) -> ir.Model:
+    passes = ir.passes.PassManager([*FORMATS[fmt](plan), ir.passes.common.TopologicalSortPass()])
+    return passes(model).model

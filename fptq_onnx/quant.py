@@ -1,0 +1,110 @@
+"""Quantization arithmetic shared by the algorithms, the torch fake-quant check and the graph passes.
+
+One definition of each rounding rule lives here so the ONNX model and the torch
+reference of the same plan compute the same numbers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+INT8_MAX = 127
+# Symmetric int4 uses [-8, 7]; the scale maps max|w| to 7 so the grid is symmetric around zero.
+INT4_SYM_MAX = 7
+UINT4_MAX = 15
+
+
+@dataclass
+class QuantizedWeight:
+    """Group-wise int4 weight in the layout of ONNX blocked DequantizeLinear (axis 0 of [K, N]).
+
+    q: int8 [K, N], values in [-8, 7] (symmetric) or [0, 15] (asymmetric, with zero_points).
+    scales: float32 [ceil(K / group_size), N]; the last group may be ragged.
+    zero_points: uint8 [ceil(K / group_size), N] or None (symmetric: zero point 0).
+    """
+
+    q: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None
+    group_size: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    def dequantize(self) -> np.ndarray:
+        return dequantize_int4(self)
+
+    @property
+    def nbytes_packed(self) -> int:
+        """Bytes on disk: two weights per byte plus fp32 scales (and uint4 zero points)."""
+        k, n = self.q.shape
+        zp = 0 if self.zero_points is None else (self.zero_points.size + 1) // 2
+        return (k * n + 1) // 2 + self.scales.nbytes + zp
+
+
+def num_groups(k: int, group_size: int) -> int:
+    return -(-k // group_size)
+
+
+def _grouped(w: np.ndarray, group_size: int) -> np.ndarray:
+    """[K, N] -> [G, group_size, N], padding the ragged last group with zeros."""
+    k, n = w.shape
+    groups = num_groups(k, group_size)
+    padded = np.zeros((groups * group_size, n), dtype=np.float32)
+    padded[:k] = w
+    return padded.reshape(groups, group_size, n)
+
+
+def quantize_int4(w: np.ndarray, group_size: int, symmetric: bool = True, clip: np.ndarray | None = None) -> QuantizedWeight:
+    """Round-to-nearest group-wise int4 of a [K, N] weight.
+
+    `clip` (optional, [G, N] in (0, 1]) shrinks each group's range before rounding;
+    search-based quantizers pass the shrink they found.
+    """
+    if group_size < 16 or group_size & (group_size - 1):
+        raise ValueError(f"group size must be a power of two >= 16, got {group_size}")
+    k, _ = w.shape
+    grouped = _grouped(np.asarray(w, np.float32), group_size)
+    if symmetric:
+        absmax = np.abs(grouped).max(axis=1)
+        if clip is not None:
+            absmax = absmax * clip
+        scales = np.where(absmax > 0, absmax / INT4_SYM_MAX, 1.0).astype(np.float32)
+        q = np.clip(np.rint(grouped / scales[:, None, :]), -8, INT4_SYM_MAX)
+        zero_points = None
+    else:
+        lo, hi = grouped.min(axis=1), grouped.max(axis=1)
+        if clip is not None:
+            lo, hi = lo * clip, hi * clip
+        lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
+        scales = np.where(hi > lo, (hi - lo) / UINT4_MAX, 1.0).astype(np.float32)
+        zero_points = np.clip(np.rint(-lo / scales), 0, UINT4_MAX).astype(np.uint8)
+        q = np.clip(np.rint(grouped / scales[:, None, :]) + zero_points[:, None, :], 0, UINT4_MAX)
+    q = q.reshape(-1, w.shape[1])[:k].astype(np.int8)
+    return QuantizedWeight(q=q, scales=scales, zero_points=zero_points, group_size=group_size)
+
+
+def dequantize_int4(qw: QuantizedWeight) -> np.ndarray:
+    k, n = qw.q.shape
+    grouped = _grouped(qw.q.astype(np.float32), qw.group_size)
+    if qw.zero_points is not None:
+        grouped = grouped - qw.zero_points[:, None, :].astype(np.float32)
+    return (grouped * qw.scales[:, None, :]).reshape(-1, n)[:k].astype(np.float32)
+
+
+def static_scale(max_abs: float) -> float:
+    """Per-tensor int8 scale mapping the calibrated max to 127."""
+    return float(max(max_abs, 1e-8) / INT8_MAX)
+
+
+def lae_scales(channel_max: np.ndarray) -> np.ndarray:
+    """FPTQ's Logarithmic Activation Equalization: s_j = max|X_j| / log2(2 + max|X_j|).
+
+    After X/s every channel's max becomes log2(2 + max|X_j|): large channels are
+    compressed logarithmically, small ones barely move.
+    """
+    m = np.maximum(channel_max.astype(np.float64), 1e-5)
+    return (m / np.log2(2.0 + m)).astype(np.float32)

@@ -1,0 +1,55 @@
+"""Replace each planned MatMul's float B with int4 blocked DequantizeLinear (opset 21).
+
+INT4 [K, N] (symmetric) or UINT4 with UINT4 zero points, scales [ceil(K/G), N],
+axis 0, block_size G. ORT fuses DQ + MatMul into MatMulNBits when nothing else
+sits on the activation side.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from fptq_onnx.errors import FptqError
+from fptq_onnx.passes.graph_utils import add_initializer, drop_unused_initializers, matmuls_by_name
+from fptq_onnx.quant import QuantizedWeight
+
+
+class QuantizeWeightsPass(ir.passes.InPlacePass):
+    def __init__(self, weights: dict[str, QuantizedWeight]) -> None:
+        super().__init__()
+        self.weights = weights
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        graph = model.graph
+        matmuls = matmuls_by_name(graph)
+        replaced: list[str] = []
+        for name, qw in self.weights.items():
+            node = matmuls.get(name)
+            if node is None:
+                raise FptqError(f"plan names {name} but the graph has no MatMul of that name")
+            old = node.inputs[1]
+            k, n = qw.q.shape
+            if old.shape is not None and tuple(old.shape) != (k, n):
+                raise FptqError(f"{name}: planned weight is {k}x{n} but the graph's B is {tuple(old.shape)}")
+            dtype = ir.DataType.INT4 if qw.symmetric else ir.DataType.UINT4
+            inputs = [
+                add_initializer(graph, f"{name}.weight_q", qw.q if qw.symmetric else qw.q.astype(np.uint8), dtype),
+                add_initializer(graph, f"{name}.weight_scale", qw.scales),
+            ]
+            if not qw.symmetric:
+                inputs.append(add_initializer(graph, f"{name}.weight_zero_point", qw.zero_points, ir.DataType.UINT4))
+            dq = ir.Node(
+                "", "DequantizeLinear", inputs,
+                attributes={"axis": ir.AttrInt64("axis", 0), "block_size": ir.AttrInt64("block_size", qw.group_size)},
+                name=f"{name}/dequantize_weight",
+            )
+            dq.outputs[0].name = f"{name}.weight_dq"
+            dq.outputs[0].shape = ir.Shape([k, n])
+            dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+            graph.insert_before(node, dq)
+            node.replace_input_with(1, dq.outputs[0])
+            if old.name is not None:
+                replaced.append(old.name)
+        drop_unused_initializers(graph, replaced)
+        return ir.passes.PassResult(model, modified=bool(self.weights))

@@ -1,0 +1,41 @@
+"""Write each linear's decision onto its MatMul (metadata_props + doc string) so Netron shows it."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from fptq_onnx.passes.graph_utils import matmuls_by_name, set_metadata
+from fptq_onnx.plan import QuantPlan
+
+
+class StampDecisionsPass(ir.passes.InPlacePass):
+    def __init__(self, plan: QuantPlan, fmt: str) -> None:
+        super().__init__()
+        self.plan = plan
+        self.fmt = fmt
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        matmuls = matmuls_by_name(model.graph)
+        for name, lp in self.plan.linears.items():
+            node = matmuls.get(name)
+            if node is None:
+                continue
+            items = {
+                "fptq.method": self.plan.method,
+                "fptq.format": self.fmt,
+                "fptq.strategy": lp.strategy,
+                "fptq.act_mode": lp.act_mode.value,
+                "fptq.max_abs": f"{lp.max_abs:.4g}",
+                "fptq.max_abs_equalized": f"{lp.max_abs_equalized:.4g}",
+                "fptq.act_scale": None if lp.act_scale is None else f"{lp.act_scale:.6g}",
+                "fptq.equalized_by": lp.equalized_by,
+                "fptq.weight": None if lp.weight is None else
+                f"int4 g{lp.weight.group_size} {'sym' if lp.weight.symmetric else 'asym'}",
+                "fptq.reason": lp.reason,
+            }
+            set_metadata(node, items)
+            node.doc_string = "; ".join(f"{k.removeprefix('fptq.')}={v}" for k, v in items.items() if v is not None)
+        model.metadata_props["fptq.method"] = self.plan.method
+        model.metadata_props["fptq.format"] = self.fmt
+        model.metadata_props["fptq.counts"] = str(self.plan.counts())
+        return ir.passes.PassResult(model, modified=True)

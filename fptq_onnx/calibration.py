@@ -61,6 +61,24 @@ class LinearStats:
         return torch.cat(self.token_max).numpy() if self.token_max else np.zeros(0, np.float32)
 
 
+@dataclass
+class Calibration:
+    """What algorithms get: the token windows, the input statistics of every linear, the source."""
+
+    tokens: torch.Tensor
+    stats: dict[str, LinearStats]
+    config: CalibrationConfig
+
+    def describe(self) -> dict:
+        return {**self.config.describe(), "tokens": int(self.tokens.numel())}
+
+
+def calibrate(model: torch.nn.Module, spec: ArchSpec, tokenizer, config: CalibrationConfig,
+              progress: bool = True) -> Calibration:
+    tokens = calibration_tokens(config, tokenizer, model.config.vocab_size)
+    return Calibration(tokens, collect_stats(model, spec, tokens, progress), config)
+
+
 def _text_rows(config: CalibrationConfig) -> list[str]:
     from fptq_onnx.evaluation.data import WIKITEXT2_FILE, data_file, read_text_rows, resolve_data_dir
 

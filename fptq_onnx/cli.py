@@ -76,7 +76,8 @@ def convert(
     data_dir: Annotated[Optional[str], typer.Option(help="Data dir (WikiText-2, tasks); default $FPTQ_DATA_DIR.")] = None,
     ppl_windows: Annotated[int, typer.Option(help="Quick WikiText-2 perplexity windows after convert (0 = skip).")] = 4,
     verify: Annotated[bool, typer.Option(help="Check each output against the torch fake-quant reference.")] = True,
-    tolerance: Annotated[float, typer.Option(help="Max abs logits difference allowed for the qdq model.")] = 0.5,
+    tolerance: Annotated[float, typer.Option(help="qdq check: allowed mean |logits diff| vs torch fake-quant (fp64), in units of torch fp32's own distance from fp64.")] = 1.5,
+    opt: Annotated[Optional[list[str]], typer.Option(help="Method-specific KEY=VALUE (repeatable), e.g. --opt alpha=0.8.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (.bin) weights, which can run code.")] = False,
 ) -> None:
@@ -92,10 +93,21 @@ def convert(
                                act_clip=act_clip),
         calibration=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
                                       data_dir=data_dir),
+        extra_options=_key_values(opt or []),
         verify=verify, tolerance=tolerance, ppl_windows=ppl_windows, data_dir=data_dir, force=force,
         allow_pickle=allow_pickle,
     )
     convert_command(model, out, options)
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    pairs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise FptqError(f"--opt expects KEY=VALUE, got '{item}'")
+        pairs[key.strip()] = value.strip()
+    return pairs
 
 
 @app.command()
@@ -109,13 +121,30 @@ def inspect(
     print(format_manifest(read_manifest(onnx_model)))
 
 
+@app.command("eval")
+def eval_(
+    onnx_model: Annotated[Path, typer.Argument(help="An exported or converted .onnx model (tokenizer beside it).")],
+    task: Annotated[str, typer.Option(help="Comma list: wikitext2, lambada, piqa, arc_easy, winogrande, or a .txt/.jsonl corpus.")] = "wikitext2",
+    seqlen: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 2048,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many windows / items per task.")] = None,
+    data_dir: Annotated[Optional[str], typer.Option(help="Data dir; default $FPTQ_DATA_DIR.")] = None,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = ORT default).")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+) -> None:
+    """Evaluate through ONNX Runtime: perplexity and zero-shot tasks; prints JSON."""
+    from fptq_onnx.evaluation_cli import run_eval
+
+    run_eval(onnx_model, [t.strip() for t in task.split(",") if t.strip()], seqlen, limit, data_dir,
+             threads or None, json_out)
+
+
 @app.command()
 def methods() -> None:
     """List the quantization methods."""
-    from fptq_onnx.algorithms import ALGORITHMS
+    from fptq_onnx.algorithms import available
 
-    for algorithm in ALGORITHMS.values():
-        print(f"{algorithm.name:12s} {algorithm.summary}")
+    for name, module in available().items():
+        print(f"{name:12s} {module.SUMMARY}")
 
 
 def _quiet_libraries() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from fptq_onnx import algorithms
-from fptq_onnx.calibration import CalibrationConfig, calibration_tokens, collect_stats
+from fptq_onnx.calibration import CalibrationConfig, calibrate
 from fptq_onnx.errors import FptqError
 from fptq_onnx.export import export_float
 from fptq_onnx.fakequant import apply_plan
@@ -31,9 +31,10 @@ class ConvertOptions:
     method: str = "fptq"
     formats: list[str] = field(default_factory=lambda: ["qdq", "native"])
     algorithm_options: dict = field(default_factory=dict)
+    extra_options: dict[str, str] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     verify: bool = True
-    tolerance: float = 0.5
+    tolerance: float = 1.5
     ppl_windows: int = 4
     ppl_seqlen: int = 512
     data_dir: str | None = None
@@ -50,7 +51,7 @@ def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
 def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -> dict[str, dict]:
     start = time.perf_counter()
     algorithm = algorithms.get(options.method)
-    config = algorithms.make_config(algorithm, options.algorithm_options)
+    config = algorithms.make_config(algorithm, options.algorithm_options, options.extra_options)
     paths = output_paths(out, options.formats)
     for path in paths.values():
         check_output_path(path, options.force)
@@ -66,12 +67,11 @@ def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -
     return results
 
 
-def make_plan(loaded: LoadedModel, algorithm: algorithms.Algorithm, config, options: ConvertOptions) -> QuantPlan:
+def make_plan(loaded: LoadedModel, algorithm, config, options: ConvertOptions) -> QuantPlan:
     with step(f"calibrating ({options.calibration.source}, {options.calibration.samples} x {options.calibration.seqlen} tokens)"):
-        tokens = calibration_tokens(options.calibration, loaded.tokenizer, loaded.model.config.vocab_size)
-        stats = collect_stats(loaded.model, loaded.spec, tokens, progress=options.progress)
-    with step(f"planning ({algorithm.name})"):
-        return algorithm.build_plan(loaded.model, loaded.spec, stats, config, options.calibration.describe())
+        calib = calibrate(loaded.model, loaded.spec, loaded.tokenizer, options.calibration, options.progress)
+    with step(f"planning ({options.method})"):
+        return algorithm.build_plan(loaded.model, loaded.spec, calib, config)
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -85,7 +85,9 @@ def write_format(float_model: ir.Model, plan: QuantPlan, fmt: str, path: Path, l
     # The qdq model is checked against the full fake-quant reference; native uses ORT's own
     # per-block activation rounding, so its reference is the weight-only model.
     reference = apply_plan(loaded.model, loaded.spec, plan, activations=(fmt == "qdq")) if options.verify else None
-    parity = write_bundle(model, path, loaded, reference, options.tolerance if fmt == "qdq" else None)
+    ids = plan_parity_ids(loaded)
+    parity = write_bundle(model, path, loaded, reference, options.tolerance if fmt == "qdq" else None, ids,
+                          "noise" if fmt == "qdq" else "max")
     manifest = plan.manifest(format=fmt, model=loaded.source.label, architecture=loaded.spec.name,
                              parity=None if parity is None else parity.__dict__)
     if options.ppl_windows > 0:
@@ -94,6 +96,17 @@ def write_format(float_model: ir.Model, plan: QuantPlan, fmt: str, path: Path, l
     plot_ranges(manifest, path.with_name(path.stem + ".ranges.png"))
     say(f"  wrote {path}, {manifest_path(path).name}, {path.stem}.ranges.png")
     return manifest
+
+
+def plan_parity_ids(loaded: LoadedModel, length: int = 64):
+    """An in-distribution prompt for the parity check (text, not random tokens)."""
+    import numpy as np
+
+    text = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+            "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
+            "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure in the world.")
+    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+    return np.array([ids], dtype=np.int64)
 
 
 def quick_perplexity(path: Path, reference, loaded: LoadedModel, options: ConvertOptions) -> dict | None:

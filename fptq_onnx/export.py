@@ -17,6 +17,7 @@ import warnings
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common
 import torch
 
 from fptq_onnx.errors import FptqError

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import onnx_ir as ir
+import onnx_ir.passes.common
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.passes.fold_scales import FoldScalesPass

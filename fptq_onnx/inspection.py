@@ -20,7 +20,8 @@ def format_manifest(manifest: dict) -> str:
     lines += ["", header, "-" * len(header)]
     for name, info in manifest["linears"].items():
         weight = info.get("weight") or {}
-        wdesc = f"int4 g{weight['group_size']} {'sym' if weight['symmetric'] else 'asym'}" if weight else "float"
+        grouping = "per-channel" if weight.get("per_channel") else f"g{weight.get('group_size')}"
+        wdesc = f"int{weight['bits']} {grouping} {'sym' if weight['symmetric'] else 'asym'}" if weight else "float"
         scale = "" if info.get("act_scale") is None else f"{info['act_scale']:.4g}"
         lines.append(
             f"{name:40s} {info['strategy']:11s} {info['max_abs']:9.2f} {info['max_abs_equalized']:9.2f} {scale:>10s}  {wdesc}"

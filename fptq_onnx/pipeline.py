@@ -63,6 +63,8 @@ def write_bundle(
     loaded: LoadedModel,
     reference: torch.nn.Module | None,
     tolerance: float | None,
+    parity_ids=None,
+    metric: str = "max",
 ) -> Parity | None:
     """Stage model + sidecars, check parity on the staged file, then move everything into place."""
     parity = None
@@ -72,7 +74,7 @@ def write_bundle(
             write_sidecars(out.parent, loaded, stage)
         if reference is not None:
             with step("checking parity (torch vs ONNX Runtime, prefill + decode)"):
-                parity = check_parity(reference, staged, tolerance)
+                parity = check_parity(reference, staged, tolerance, parity_ids, metric)
                 say(f"  {parity.describe()}")
     return parity
 

@@ -82,8 +82,9 @@ class LinearPlan:
         }
         if self.weight is not None:
             data["weight"] = {
-                "bits": 4,
+                "bits": self.weight.bits,
                 "group_size": self.weight.group_size,
+                "per_channel": self.weight.per_channel,
                 "symmetric": self.weight.symmetric,
                 "shape_kn": list(self.weight.q.shape),
             }

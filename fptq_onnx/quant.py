@@ -11,17 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 
 INT8_MAX = 127
-# Symmetric int4 uses [-8, 7]; the scale maps max|w| to 7 so the grid is symmetric around zero.
-INT4_SYM_MAX = 7
-UINT4_MAX = 15
 
 
 @dataclass
 class QuantizedWeight:
-    """Group-wise int4 weight in the layout of ONNX blocked DequantizeLinear (axis 0 of [K, N]).
+    """Group-wise integer weight in the layout of ONNX blocked DequantizeLinear (axis 0 of [K, N]).
 
-    q: int8 [K, N], values in [-8, 7] (symmetric) or [0, 15] (asymmetric, with zero_points).
-    scales: float32 [ceil(K / group_size), N]; the last group may be ragged.
+    q: int8 [K, N]: symmetric values in [-2^(b-1), 2^(b-1) - 1], or asymmetric in
+       [0, 2^b - 1] with zero_points.
+    scales: float32 [ceil(K / group_size), N]; the last group may be ragged. One group
+       (group_size >= K) is per-output-channel quantization.
     zero_points: uint8 [ceil(K / group_size), N] or None (symmetric: zero point 0).
     """
 
@@ -29,20 +28,29 @@ class QuantizedWeight:
     scales: np.ndarray
     zero_points: np.ndarray | None
     group_size: int
+    bits: int = 4
 
     @property
     def symmetric(self) -> bool:
         return self.zero_points is None
 
+    @property
+    def per_channel(self) -> bool:
+        return self.scales.shape[0] == 1
+
     def dequantize(self) -> np.ndarray:
-        return dequantize_int4(self)
+        return dequantize(self)
+
+    def describe(self) -> str:
+        grouping = "per-channel" if self.per_channel else f"g{self.group_size}"
+        return f"int{self.bits} {grouping} {'sym' if self.symmetric else 'asym'}"
 
     @property
     def nbytes_packed(self) -> int:
-        """Bytes on disk: two weights per byte plus fp32 scales (and uint4 zero points)."""
+        """Bytes on disk: packed weights plus fp32 scales (and packed zero points)."""
         k, n = self.q.shape
-        zp = 0 if self.zero_points is None else (self.zero_points.size + 1) // 2
-        return (k * n + 1) // 2 + self.scales.nbytes + zp
+        zp = 0 if self.zero_points is None else (self.zero_points.size * self.bits + 7) // 8
+        return (k * n * self.bits + 7) // 8 + self.scales.nbytes + zp
 
 
 def num_groups(k: int, group_size: int) -> int:
@@ -58,36 +66,53 @@ def _grouped(w: np.ndarray, group_size: int) -> np.ndarray:
     return padded.reshape(groups, group_size, n)
 
 
-def quantize_int4(w: np.ndarray, group_size: int, symmetric: bool = True, clip: np.ndarray | None = None) -> QuantizedWeight:
-    """Round-to-nearest group-wise int4 of a [K, N] weight.
+def int_range(bits: int, symmetric: bool) -> tuple[int, int]:
+    if symmetric:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
 
-    `clip` (optional, [G, N] in (0, 1]) shrinks each group's range before rounding;
-    search-based quantizers pass the shrink they found.
+
+def quantize_groups(
+    w: np.ndarray, group_size: int, symmetric: bool = True, bits: int = 4, clip: np.ndarray | None = None
+) -> QuantizedWeight:
+    """Round-to-nearest group-wise quantization of a [K, N] weight.
+
+    Symmetric maps max |w| of a group to the largest positive level (7 for int4),
+    so the grid is symmetric around zero. `clip` (optional, [G, N] in (0, 1])
+    shrinks each group's range before rounding; search-based quantizers pass it.
     """
-    if group_size < 16 or group_size & (group_size - 1):
-        raise ValueError(f"group size must be a power of two >= 16, got {group_size}")
     k, _ = w.shape
     grouped = _grouped(np.asarray(w, np.float32), group_size)
+    lo_q, hi_q = int_range(bits, symmetric)
     if symmetric:
         absmax = np.abs(grouped).max(axis=1)
         if clip is not None:
             absmax = absmax * clip
-        scales = np.where(absmax > 0, absmax / INT4_SYM_MAX, 1.0).astype(np.float32)
-        q = np.clip(np.rint(grouped / scales[:, None, :]), -8, INT4_SYM_MAX)
+        scales = np.where(absmax > 0, absmax / hi_q, 1.0).astype(np.float32)
+        q = np.clip(np.rint(grouped / scales[:, None, :]), lo_q, hi_q)
         zero_points = None
     else:
         lo, hi = grouped.min(axis=1), grouped.max(axis=1)
         if clip is not None:
             lo, hi = lo * clip, hi * clip
         lo, hi = np.minimum(lo, 0.0), np.maximum(hi, 0.0)
-        scales = np.where(hi > lo, (hi - lo) / UINT4_MAX, 1.0).astype(np.float32)
-        zero_points = np.clip(np.rint(-lo / scales), 0, UINT4_MAX).astype(np.uint8)
-        q = np.clip(np.rint(grouped / scales[:, None, :]) + zero_points[:, None, :], 0, UINT4_MAX)
-    q = q.reshape(-1, w.shape[1])[:k].astype(np.int8)
-    return QuantizedWeight(q=q, scales=scales, zero_points=zero_points, group_size=group_size)
+        scales = np.where(hi > lo, (hi - lo) / hi_q, 1.0).astype(np.float32)
+        zero_points = np.clip(np.rint(-lo / scales), 0, hi_q).astype(np.uint8)
+        q = np.clip(np.rint(grouped / scales[:, None, :]) + zero_points[:, None, :], 0, hi_q)
+    q = q.reshape(-1, w.shape[1])[:k]
+    q = q.astype(np.int8) if symmetric or bits < 8 else q.astype(np.uint8)
+    return QuantizedWeight(q=q, scales=scales, zero_points=zero_points, group_size=group_size, bits=bits)
 
 
-def dequantize_int4(qw: QuantizedWeight) -> np.ndarray:
+def quantize_int4(w: np.ndarray, group_size: int, symmetric: bool = True, clip: np.ndarray | None = None) -> QuantizedWeight:
+    return quantize_groups(w, group_size, symmetric, bits=4, clip=clip)
+
+
+def quantize_int8_per_channel(w: np.ndarray, symmetric: bool = True) -> QuantizedWeight:
+    return quantize_groups(w, w.shape[0], symmetric, bits=8)
+
+
+def dequantize(qw: QuantizedWeight) -> np.ndarray:
     k, n = qw.q.shape
     grouped = _grouped(qw.q.astype(np.float32), qw.group_size)
     if qw.zero_points is not None:

@@ -1,7 +1,19 @@
-"""Self-check of an export: the same prefill and decode step in torch and in ONNX Runtime."""
+"""Self-check of an export: the same prefill and decode step in torch and in ONNX Runtime.
+
+Float exports must agree to float rounding (max |diff|). A quantized model is
+compared with the torch fake-quant model of the same plan; there the max is not a
+useful bound: a value that sits on a rounding boundary can round differently in
+ORT and torch (different float summation order), and that one-step change then
+propagates through the later layers. On SmolLM2 with static int8 activations the
+torch fake-quant model in float32 already differs from itself in float64 by a mean
+|logits diff| near 0.9. So a quantized model is compared with the float64 reference
+and must stay within `tolerance` x the float32 reference's own distance from it
+(the noise floor): a wrong scale or a misplaced Q/DQ lands far outside that.
+"""
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,17 +28,24 @@ from fptq_onnx.runtime import OnnxCausalLM
 class Parity:
     prefill_max_abs: float
     decode_max_abs: float
+    mean_abs: float
     logits_scale: float  # max |logits| of the reference, to read the differences against
-    same_next_token: bool
+    top1_agreement: float  # fraction of positions whose argmax token agrees
+    metric: str  # 'max': bound on max |diff|; 'noise': bound on mean |diff| / noise floor
+    noise_floor: float | None = None  # mean |torch fp32 - torch fp64| of the same reference
 
     @property
-    def worst(self) -> float:
-        return max(self.prefill_max_abs, self.decode_max_abs)
+    def checked_value(self) -> float:
+        if self.metric == "max":
+            return max(self.prefill_max_abs, self.decode_max_abs)
+        return self.mean_abs / max(self.noise_floor or 0.0, 1e-4)
 
     def describe(self) -> str:
+        floor = "" if self.noise_floor is None else f", torch fp32 vs fp64 mean {self.noise_floor:.2e}"
         return (
-            f"max |logits diff| prefill {self.prefill_max_abs:.2e}, decode {self.decode_max_abs:.2e} "
-            f"(logits up to {self.logits_scale:.1f}; same next token: {'yes' if self.same_next_token else 'NO'})"
+            f"|logits diff| max prefill {self.prefill_max_abs:.2e}, decode {self.decode_max_abs:.2e}, "
+            f"mean {self.mean_abs:.2e}{floor} (logits up to {self.logits_scale:.1f}); "
+            f"greedy token agrees at {self.top1_agreement:.0%} of positions"
         )
 
 
@@ -50,17 +69,33 @@ def onnx_prefill_decode(path: Path, ids: np.ndarray) -> tuple[np.ndarray, np.nda
     return prefill, decode
 
 
-def check_parity(model: torch.nn.Module, path: Path, tolerance: float | None) -> Parity:
-    """Compare torch `model` with the ONNX file; raise when the worst diff exceeds `tolerance`."""
-    ids = parity_ids(model.config.vocab_size)
+def check_parity(
+    model: torch.nn.Module, path: Path, tolerance: float | None, ids: np.ndarray | None = None, metric: str = "max"
+) -> Parity:
+    """Compare torch `model` with the ONNX file; raise when `metric`'s value exceeds `tolerance`."""
+    ids = parity_ids(model.config.vocab_size) if ids is None else ids
     ref_prefill, ref_decode = torch_prefill_decode(model, ids)
+    noise_floor = None
+    if metric == "noise":
+        ref32 = np.concatenate([ref_prefill, ref_decode], axis=1)
+        ref_prefill, ref_decode = torch_prefill_decode(copy.deepcopy(model).double(), ids)
+        noise_floor = float(np.abs(ref32 - np.concatenate([ref_prefill, ref_decode], axis=1)).mean())
     got_prefill, got_decode = onnx_prefill_decode(path, ids)
+    ref = np.concatenate([ref_prefill, ref_decode], axis=1)
+    got = np.concatenate([got_prefill, got_decode], axis=1)
     parity = Parity(
         prefill_max_abs=float(np.abs(ref_prefill - got_prefill).max()),
         decode_max_abs=float(np.abs(ref_decode - got_decode).max()),
-        logits_scale=float(np.abs(ref_prefill).max()),
-        same_next_token=int(ref_decode[0, -1].argmax()) == int(got_decode[0, -1].argmax()),
+        mean_abs=float(np.abs(ref - got).mean()),
+        logits_scale=float(np.abs(ref).max()),
+        top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).mean()),
+        metric=metric,
+        noise_floor=noise_floor,
     )
-    if tolerance is not None and not parity.worst <= tolerance:
-        raise FptqError(f"parity check failed: {parity.describe()} > tolerance {tolerance:g} (--no-verify skips)")
+    if tolerance is not None and not parity.checked_value <= tolerance:
+        what = "max |logits diff|" if metric == "max" else "mean |logits diff| / fp32 noise floor"
+        raise FptqError(
+            f"parity check failed: {what} {parity.checked_value:.3g} > tolerance {tolerance:g} "
+            f"({parity.describe()}; --no-verify skips)"
+        )
     return parity

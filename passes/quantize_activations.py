@@ -1,8 +1,8 @@
 """Insert int8 activation quantization in front of planned MatMuls.
 
 static: QuantizeLinear/DequantizeLinear int8 with the calibrated per-tensor scale.
-per_token: standard ONNX has no per-token op, so an explicit subgraph computes
-s = max(|x|, axis=-1) / 127 and x' = clip(round(x / s), -127, 127) * s.
+per_token: standard ONNX has no per-token op; a small subgraph computes
+s = max(|x|, axis=-1) / 127 and feeds it to blocked Q/DQ with one block per row.
 Consumers of one input with the same decision share one Q/DQ (q/k/v, gate/up).
 """
 
@@ -67,20 +67,34 @@ def _static_qdq(graph: ir.Graph, anchor: ir.Node, x: ir.Value, name: str, scale:
 
 
 def _per_token(graph: ir.Graph, anchor: ir.Node, x: ir.Value, name: str) -> ir.Value:
+    """s = max(|x|, -1) / 127 per token, then Q/DQ blocked along the last axis with block K.
+
+    Expressed as standard Q/DQ (opset 21 blocked quantization, one block per row) so
+    EPs see int8 activations and ORT keeps the explicit precision instead of
+    re-quantizing the activation per K-block in a MatMulNBits fusion.
+    """
+    k = _input_channels(anchor, name)
     axes = add_initializer(graph, f"{name}.per_token_axes", np.array([-1], np.int64))
     eps = add_initializer(graph, f"{name}.per_token_eps", np.array(PER_TOKEN_EPS, np.float32))
     qmax = add_initializer(graph, f"{name}.per_token_qmax", np.array(INT8_MAX, np.float32))
-    qmin = add_initializer(graph, f"{name}.per_token_qmin", np.array(-INT8_MAX, np.float32))
     p = f"{name}/act_per_token"
     abs_ = ir.Node("", "Abs", [x], name=f"{p}/abs")
     rmax = ir.Node("", "ReduceMax", [abs_.outputs[0], axes], attributes={"keepdims": ir.AttrInt64("keepdims", 1)}, name=f"{p}/row_max")
     floor = ir.Node("", "Max", [rmax.outputs[0], eps], name=f"{p}/nonzero")
     scale = ir.Node("", "Div", [floor.outputs[0], qmax], name=f"{p}/scale")
-    div = ir.Node("", "Div", [x, scale.outputs[0]], name=f"{p}/divide")
-    rnd = ir.Node("", "Round", [div.outputs[0]], name=f"{p}/round")
-    clip = ir.Node("", "Clip", [rnd.outputs[0], qmin, qmax], name=f"{p}/clip")
-    out = ir.Node("", "Mul", [clip.outputs[0], scale.outputs[0]], name=f"{p}/dequantize")
+    blocked = {"axis": ir.AttrInt64("axis", -1), "block_size": ir.AttrInt64("block_size", k)}
+    q = ir.Node("", "QuantizeLinear", [x, scale.outputs[0]], name=f"{name}/quantize_act",
+                attributes={**blocked, "output_dtype": ir.AttrInt64("output_dtype", ir.DataType.INT8.value)})
+    dq = ir.Node("", "DequantizeLinear", [q.outputs[0], scale.outputs[0]], name=f"{name}/dequantize_act",
+                 attributes=blocked)
     scale.outputs[0].name = f"{name}.act_token_scale"
-    out.outputs[0].name = f"{name}.act_token_dq"
-    _insert(graph, anchor, [abs_, rmax, floor, scale, div, rnd, clip, out])
-    return out.outputs[0]
+    q.outputs[0].name, dq.outputs[0].name = f"{name}.act_q", f"{name}.act_dq"
+    _insert(graph, anchor, [abs_, rmax, floor, scale, q, dq])
+    return dq.outputs[0]
+
+
+def _input_channels(node: ir.Node, name: str) -> int:
+    weight = node.inputs[1]
+    if weight is None or weight.shape is None or not isinstance(weight.shape[0], int):
+        raise FptqError(f"{name}: cannot tell the MatMul's K (weight shape unknown)")
+    return weight.shape[0]

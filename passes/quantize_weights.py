@@ -1,7 +1,7 @@
-"""Replace each planned MatMul's float B with int4 blocked DequantizeLinear (opset 21).
+"""Replace each planned MatMul's float B with a DequantizeLinear of its integer weight (opset 21).
 
-INT4 [K, N] (symmetric) or UINT4 with UINT4 zero points, scales [ceil(K/G), N],
-axis 0, block_size G. ORT fuses DQ + MatMul into MatMulNBits when nothing else
+Group-wise: INT4/UINT4 [K, N] (UINT with zero points), scales [ceil(K/G), N], axis 0,
+block_size G. Per-channel (one group, e.g. W8): per-axis DQ, axis 1, scale [N]. ORT fuses DQ + MatMul into MatMulNBits when nothing else
 sits on the activation side.
 """
 
@@ -13,6 +13,14 @@ import onnx_ir as ir
 from fptq_onnx.errors import FptqError
 from fptq_onnx.passes.graph_utils import add_initializer, drop_unused_initializers, matmuls_by_name
 from fptq_onnx.quant import QuantizedWeight
+
+
+_DTYPES = {
+    (4, True): ir.DataType.INT4,
+    (4, False): ir.DataType.UINT4,
+    (8, True): ir.DataType.INT8,
+    (8, False): ir.DataType.UINT8,
+}
 
 
 class QuantizeWeightsPass(ir.passes.InPlacePass):
@@ -32,18 +40,22 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             k, n = qw.q.shape
             if old.shape is not None and tuple(old.shape) != (k, n):
                 raise FptqError(f"{name}: planned weight is {k}x{n} but the graph's B is {tuple(old.shape)}")
-            dtype = ir.DataType.INT4 if qw.symmetric else ir.DataType.UINT4
+            dtype = _DTYPES[(qw.bits, qw.symmetric)]
+            # One group is per-output-channel: the canonical per-axis DQ (axis 1, scale [N]).
+            scales = qw.scales[0] if qw.per_channel else qw.scales
+            zero_points = None if qw.symmetric else (qw.zero_points[0] if qw.per_channel else qw.zero_points)
             inputs = [
                 add_initializer(graph, f"{name}.weight_q", qw.q if qw.symmetric else qw.q.astype(np.uint8), dtype),
-                add_initializer(graph, f"{name}.weight_scale", qw.scales),
+                add_initializer(graph, f"{name}.weight_scale", scales),
             ]
-            if not qw.symmetric:
-                inputs.append(add_initializer(graph, f"{name}.weight_zero_point", qw.zero_points, ir.DataType.UINT4))
-            dq = ir.Node(
-                "", "DequantizeLinear", inputs,
-                attributes={"axis": ir.AttrInt64("axis", 0), "block_size": ir.AttrInt64("block_size", qw.group_size)},
-                name=f"{name}/dequantize_weight",
+            if zero_points is not None:
+                inputs.append(add_initializer(graph, f"{name}.weight_zero_point", zero_points, dtype))
+            attributes = (
+                {"axis": ir.AttrInt64("axis", 1)}
+                if qw.per_channel
+                else {"axis": ir.AttrInt64("axis", 0), "block_size": ir.AttrInt64("block_size", qw.group_size)}
             )
+            dq = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, name=f"{name}/dequantize_weight")
             dq.outputs[0].name = f"{name}.weight_dq"
             dq.outputs[0].shape = ir.Shape([k, n])
             dq.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)

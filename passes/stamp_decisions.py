@@ -29,8 +29,7 @@ class StampDecisionsPass(ir.passes.InPlacePass):
                 "fptq.max_abs_equalized": f"{lp.max_abs_equalized:.4g}",
                 "fptq.act_scale": None if lp.act_scale is None else f"{lp.act_scale:.6g}",
                 "fptq.equalized_by": lp.equalized_by,
-                "fptq.weight": None if lp.weight is None else
-                f"int4 g{lp.weight.group_size} {'sym' if lp.weight.symmetric else 'asym'}",
+                "fptq.weight": None if lp.weight is None else lp.weight.describe(),
                 "fptq.reason": lp.reason,
             }
             set_metadata(node, items)

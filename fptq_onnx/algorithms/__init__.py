@@ -1,40 +1,83 @@
-"""Algorithm table: `--method NAME` maps here. Each entry pairs a frozen config dataclass
-with the function that turns calibration statistics into a QuantPlan."""
+"""Algorithm table: `--method NAME` maps here.
+
+Each algorithm is a module exposing `Config` (a frozen dataclass), `build_plan(model,
+spec, calib, config) -> QuantPlan` and `SUMMARY`. Modules import lazily so a method's
+heavy dependencies load only when it runs.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
-from dataclasses import dataclass
+import importlib
+import typing
+from types import ModuleType
 
-from fptq_onnx.algorithms import fptq
 from fptq_onnx.errors import FptqError
 
-
-@dataclass(frozen=True)
-class Algorithm:
-    name: str
-    config_type: type
-    build_plan: Callable
-    summary: str
-
-
-ALGORITHMS: dict[str, Algorithm] = {
-    "fptq": Algorithm("fptq", fptq.FptqConfig, fptq.build_plan,
-                      "W4A8: per-layer static / LAE+static / per-token int8 activations, int4 RTN weights"),
+ALGORITHMS: dict[str, str] = {
+    "fptq": "fptq_onnx.algorithms.fptq",
+    "rtn": "fptq_onnx.algorithms.rtn",
+    "ort-acc4": "fptq_onnx.algorithms.ort_acc4",
+    "smoothquant": "fptq_onnx.algorithms.smoothquant",
+    "gptq": "fptq_onnx.algorithms.gptq",
+    "awq": "fptq_onnx.algorithms.awq",
 }
 
 
-def get(name: str) -> Algorithm:
+def get(name: str) -> ModuleType:
     if name not in ALGORITHMS:
         raise FptqError(f"unknown method '{name}'; known: {', '.join(ALGORITHMS)}")
-    return ALGORITHMS[name]
+    try:
+        return importlib.import_module(ALGORITHMS[name])
+    except ModuleNotFoundError as exc:
+        if exc.name == ALGORITHMS[name]:
+            raise FptqError(f"method '{name}' is not available in this build") from None
+        raise
 
 
-def make_config(algorithm: Algorithm, options: dict):
-    """The algorithm's config from the CLI options it understands (others are ignored)."""
-    fields = {f.name for f in dataclasses.fields(algorithm.config_type)}
-    config = algorithm.config_type(**{k: v for k, v in options.items() if k in fields and v is not None})
+def available() -> dict[str, ModuleType]:
+    out = {}
+    for name in ALGORITHMS:
+        try:
+            out[name] = get(name)
+        except FptqError:
+            continue
+    return out
+
+
+def _coerce(value, annotation):
+    """CLI strings -> the config field's type (bool/int/float/str)."""
+    if not isinstance(value, str):
+        return value
+    target = annotation if isinstance(annotation, type) else {"bool": bool, "int": int, "float": float}.get(
+        str(annotation).split("|")[0].strip(), str)
+    if target is bool:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(value)
+    return target(value)
+
+
+def make_config(module: ModuleType, options: dict, extra: dict[str, str] | None = None):
+    """The algorithm's config from the common CLI options it understands, plus `--opt KEY=VALUE`s.
+
+    Common options a method does not use are ignored; an unknown `--opt` key is an error.
+    """
+    config_type = module.Config
+    hints = typing.get_type_hints(config_type)
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    values = {k: v for k, v in options.items() if k in fields and v is not None}
+    for key, raw in (extra or {}).items():
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise FptqError(f"--opt {key}: not an option of this method; it takes: {', '.join(sorted(fields))}")
+        try:
+            values[key] = _coerce(raw, hints[key])
+        except ValueError:
+            raise FptqError(f"--opt {key}={raw}: expected a {hints[key]}") from None
+    config = config_type(**values)
     if hasattr(config, "validate"):
         config.validate()
     return config

@@ -9,7 +9,7 @@ from fptq_onnx.calibration import LinearStats, decoder_linears
 from fptq_onnx.errors import FptqError
 from fptq_onnx.models.registry import ArchSpec, LinearPair
 from fptq_onnx.plan import Equalization
-from fptq_onnx.quant import QuantizedWeight, quantize_int4, static_scale
+from fptq_onnx.quant import QuantizedWeight, quantize_groups, static_scale
 
 
 def check_group_size(group_size: int) -> None:
@@ -34,9 +34,10 @@ def apply_equalizations(weights: dict[str, np.ndarray], equalizations: list[Equa
 
 
 def quantize_weights(
-    weights: dict[str, np.ndarray], group_size: int, symmetric: bool
+    weights: dict[str, np.ndarray], group_size: int, symmetric: bool, bits: int = 4
 ) -> dict[str, QuantizedWeight]:
-    return {name: quantize_int4(w, group_size, symmetric) for name, w in weights.items()}
+    """RTN for every weight; group_size >= K means per output channel."""
+    return {name: quantize_groups(w, group_size, symmetric, bits) for name, w in weights.items()}
 
 
 def clipped_static_scale(stats: LinearStats, clip: str, equalization: np.ndarray | None = None) -> tuple[float, float]:

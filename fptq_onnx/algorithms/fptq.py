@@ -27,15 +27,18 @@ from fptq_onnx.algorithms.common import (
     grouped_head_scale,
     quantize_weights,
 )
-from fptq_onnx.calibration import LinearStats
+from fptq_onnx.calibration import Calibration
 from fptq_onnx.errors import FptqError
 from fptq_onnx.models.registry import ArchSpec, layer_prefix
 from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
 from fptq_onnx.quant import lae_scales
 
 
+SUMMARY = "W4A8 (paper): per-layer static / LAE+static / per-token int8 activations, int4 RTN weights"
+
+
 @dataclass(frozen=True)
-class FptqConfig:
+class Config:
     v0: float = 15.0
     v1: float = 150.0
     group_size: int = 128
@@ -49,13 +52,13 @@ class FptqConfig:
             raise FptqError(f"thresholds must satisfy 0 < v0 < v1, got v0={self.v0}, v1={self.v1}")
 
 
-def build_plan(model: torch.nn.Module, spec: ArchSpec, stats: dict[str, LinearStats], config: FptqConfig,
-               calibration: dict) -> QuantPlan:
+def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
     config.validate()
+    stats = calib.stats
     cfg = model.config
     heads = cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    plan = QuantPlan(method="fptq", config=asdict(config), calibration=calibration)
+    plan = QuantPlan(method="fptq", config=asdict(config), calibration=calib.describe())
 
     def static(name: str, strategy: str, eq: Equalization | None, reason: str) -> LinearPlan:
         s = eq.scale if eq is not None else None

@@ -1,0 +1,46 @@
+"""`fptq-onnx eval`: the evaluation harness driven by an ONNX model in ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from fptq_onnx.errors import FptqError
+from fptq_onnx.loading import load_onnx_tokenizer
+from fptq_onnx.report import say
+from fptq_onnx.runtime import OnnxCausalLM
+
+
+def model_max_length(onnx_path: Path) -> int | None:
+    """max_position_embeddings from the config.json written beside the model."""
+    config = Path(onnx_path).with_name("config.json")
+    if not config.is_file():
+        return None
+    try:
+        return json.loads(config.read_text()).get("max_position_embeddings")
+    except json.JSONDecodeError:
+        raise FptqError(f"corrupt {config}") from None
+
+
+def run_eval(onnx_path: Path, tasks: list[str], seqlen: int, limit: int | None, data_dir: str | None,
+             threads: int | None, json_out: Path | None) -> dict:
+    from fptq_onnx.evaluation import evaluate
+
+    if json_out is not None and not Path(json_out).parent.is_dir():
+        raise FptqError(f"directory for --json does not exist: {Path(json_out).parent}")
+    lm = OnnxCausalLM(onnx_path, threads=threads)
+    tokenizer = load_onnx_tokenizer(onnx_path)
+    start = time.perf_counter()
+    results = evaluate(lm, tokenizer, tasks, data_dir=data_dir, seqlen=seqlen, limit=limit,
+                       max_length=model_max_length(onnx_path), progress=True)
+    report = {"model": str(onnx_path), "seqlen": seqlen, "limit": limit, "seconds": round(time.perf_counter() - start, 1),
+              "results": results}
+    text = json.dumps(report, indent=2)
+    print(text)
+    if json_out is not None:
+        tmp = Path(json_out).with_name(Path(json_out).name + ".tmp")
+        tmp.write_text(text)
+        tmp.replace(json_out)
+        say(f"wrote {json_out}")
+    return report

@@ -29,12 +29,12 @@ from fptq_onnx.saving import check_output_path
 @dataclass
 class ConvertOptions:
     method: str = "fptq"
-    formats: list[str] = field(default_factory=lambda: ["qdq", "native"])
+    formats: list[str] = field(default_factory=lambda: ["qdq", "w4a8"])
     algorithm_options: dict = field(default_factory=dict)
     extra_options: dict[str, str] = field(default_factory=dict)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     verify: bool = True
-    tolerance: float = 1.5
+    tolerance: float = 3.0
     ppl_windows: int = 4
     ppl_seqlen: int = 512
     data_dir: str | None = None

@@ -3,6 +3,8 @@
 qdq     portable: int4 weight DQ + explicit int8 activation Q/DQ (or per-token subgraph);
         what TensorRT/QNN-style EPs consume; slow on ORT CPU (activation Q/DQ blocks
         ORT's int4 fusion).
+w4a8    the qdq model with every int4-weight / int8-activation linear lowered to our
+        fused fptq.W4A8MatMul custom op (CPU library in custom_ops/): the deploy form.
 native  equalization folded, int4 weight DQ + MatMul, no activation Q/DQ: ORT fuses it
         into MatMulNBits with its own per-block int8 activations; fast on stock ORT.
 """
@@ -16,10 +18,11 @@ import onnx_ir.passes.common
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.passes.fold_scales import FoldScalesPass
+from fptq_onnx.passes.lower_w4a8 import LowerW4A8Pass
 from fptq_onnx.passes.quantize_activations import QuantizeActivationsPass
 from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from fptq_onnx.passes.stamp_decisions import StampDecisionsPass
-from fptq_onnx.plan import QuantPlan
+from fptq_onnx.plan import ActMode, QuantPlan
 
 
 def _weights(plan: QuantPlan) -> dict:
@@ -35,6 +38,15 @@ def qdq_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
     ]
 
 
+def w4a8_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
+    lowerable = [
+        n for n, lp in plan.linears.items()
+        if lp.weight is not None and lp.weight.bits == 4 and lp.act_mode in (ActMode.STATIC, ActMode.PER_TOKEN)
+    ]
+    passes = qdq_passes(plan)
+    return [*passes[:-1], LowerW4A8Pass(lowerable), StampDecisionsPass(plan, "w4a8")]
+
+
 def native_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
     return [FoldScalesPass(plan.equalizations), QuantizeWeightsPass(_weights(plan)), StampDecisionsPass(plan, "native")]
 
@@ -42,6 +54,7 @@ def native_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
 FORMATS: dict[str, Callable[[QuantPlan], list[ir.passes.PassBase]]] = {
     "qdq": qdq_passes,
     "native": native_passes,
+    "w4a8": w4a8_passes,
 }
 
 

@@ -15,11 +15,14 @@ _PAST = re.compile(r"past_key_values\.(\d+)\.(key|value)")
 CUSTOM_DOMAIN = "fptq"
 
 
-def _uses_custom_ops(path: Path) -> bool:
+_ACCURACY_LEVEL_KEY = "fptq.ort_matmulnbits_accuracy_level"
+
+
+def _header(path: Path):
+    """The model proto without weights: opsets and metadata only."""
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    return any(op.domain == CUSTOM_DOMAIN for op in model.opset_import)
+    return onnx.load(str(path), load_external_data=False)
 
 
 def make_session(path: Path, threads: int | None = None, providers: list[str] | None = None) -> ort.InferenceSession:
@@ -31,10 +34,14 @@ def make_session(path: Path, threads: int | None = None, providers: list[str] | 
     if threads:
         options.intra_op_num_threads = threads
     try:
-        if _uses_custom_ops(path):
+        header = _header(path)
+        if any(op.domain == CUSTOM_DOMAIN for op in header.opset_import):
             from fptq_onnx import custom_ops
 
             custom_ops.register(options)
+        hints = {p.key: p.value for p in header.metadata_props}
+        if _ACCURACY_LEVEL_KEY in hints:
+            options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", hints[_ACCURACY_LEVEL_KEY])
         return ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
     except FptqError:
         raise

@@ -8,6 +8,9 @@ from fptq_onnx.passes.graph_utils import matmuls_by_name, set_metadata
 from fptq_onnx.plan import QuantPlan
 
 
+ORT_ACCURACY_LEVEL_KEY = "fptq.ort_matmulnbits_accuracy_level"
+
+
 class StampDecisionsPass(ir.passes.InPlacePass):
     def __init__(self, plan: QuantPlan, fmt: str) -> None:
         super().__init__()
@@ -37,4 +40,8 @@ class StampDecisionsPass(ir.passes.InPlacePass):
         model.metadata_props["fptq.method"] = self.plan.method
         model.metadata_props["fptq.format"] = self.fmt
         model.metadata_props["fptq.counts"] = str(self.plan.counts())
+        # ORT fuses int4 DQ + MatMul into MatMulNBits and by default quantizes its activations
+        # per K-block (accuracy level 4). Only the native form wants that; elsewhere (weight-only
+        # layers) level 0 keeps float activations exact. fptq_onnx.runtime applies this hint.
+        model.metadata_props[ORT_ACCURACY_LEVEL_KEY] = "4" if self.fmt == "native" else "0"
         return ir.passes.PassResult(model, modified=True)

@@ -18,6 +18,7 @@ from fptq_onnx.models.registry import ArchSpec
 
 RANDOM_SOURCE = "random"
 WIKITEXT2_SOURCE = "wikitext2"
+AUTO_SOURCE = "auto"
 
 
 @dataclass(frozen=True)
@@ -25,10 +26,11 @@ class CalibrationConfig:
     """Where calibration tokens come from and how many.
 
     source: 'wikitext2' (from the data dir), 'random' (data-free random vocabulary
-    tokens; FPTQ's Table 6 found these often as good as text), or a .txt/.jsonl file.
+    tokens; FPTQ's Table 6 found these often as good as text), a .txt/.jsonl file, or
+    'auto': wikitext2 when a data dir is configured, else random.
     """
 
-    source: str = WIKITEXT2_SOURCE
+    source: str = AUTO_SOURCE
     samples: int = 32
     seqlen: int = 512
     seed: int = 0
@@ -75,6 +77,7 @@ class Calibration:
 
 def calibrate(model: torch.nn.Module, spec: ArchSpec, tokenizer, config: CalibrationConfig,
               progress: bool = True) -> Calibration:
+    config = resolve_source(config)
     tokens = calibration_tokens(config, tokenizer, model.config.vocab_size)
     return Calibration(tokens, collect_stats(model, spec, tokens, progress), config)
 
@@ -90,6 +93,21 @@ def _text_rows(config: CalibrationConfig) -> list[str]:
             f"calibration source '{config.source}' is neither 'wikitext2', 'random' nor an existing .txt/.jsonl file"
         )
     return read_text_rows(path)
+
+
+def resolve_source(config: CalibrationConfig) -> CalibrationConfig:
+    """Replace 'auto' by the source actually used (recorded in the manifest)."""
+    from dataclasses import replace
+
+    from fptq_onnx.evaluation.data import WIKITEXT2_FILE, resolve_data_dir
+
+    if config.source != AUTO_SOURCE:
+        return config
+    try:
+        has_text = (resolve_data_dir(config.data_dir) / WIKITEXT2_FILE).is_file()
+    except FptqError:
+        has_text = False
+    return replace(config, source=WIKITEXT2_SOURCE if has_text else RANDOM_SOURCE)
 
 
 def calibration_tokens(config: CalibrationConfig, tokenizer, vocab_size: int) -> torch.Tensor:

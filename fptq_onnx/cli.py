@@ -69,7 +69,7 @@ def convert(
     v1: Annotated[float, typer.Option(help="FPTQ: at or above this max|X| -> per-token dynamic int8.")] = 150.0,
     fold_pairs: Annotated[bool, typer.Option("--fold-pairs", help="FPTQ extension: LAE for o_proj/down_proj folded into v_proj/up_proj.")] = False,
     act_clip: Annotated[str, typer.Option(help="Static activation range: 'max' or a percentile of token maxima, e.g. p99.9.")] = "max",
-    calib: Annotated[str, typer.Option(help="Calibration source: wikitext2, random (data-free), or a .txt/.jsonl file.")] = "wikitext2",
+    calib: Annotated[str, typer.Option(help="Calibration: auto (wikitext2 if a data dir is set, else random), wikitext2, random (data-free), or a .txt/.jsonl file.")] = "auto",
     calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
     calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
     seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,

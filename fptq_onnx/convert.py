@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from fptq_onnx import algorithms
-from fptq_onnx.calibration import CalibrationConfig, calibrate
+from fptq_onnx.calibration import CalibrationConfig, calibrate, resolve_source
 from fptq_onnx.errors import FptqError
 from fptq_onnx.export import export_float
 from fptq_onnx.fakequant import apply_plan
@@ -24,6 +24,13 @@ from fptq_onnx.plan import QuantPlan, manifest_path, to_json
 from fptq_onnx.plot import plot_ranges
 from fptq_onnx.report import peak_rss_mb, say, step
 from fptq_onnx.saving import check_output_path
+
+
+FORMAT_ACTIVATIONS = {
+    "qdq": "as planned: explicit int8 Q/DQ (static per-tensor or per-token)",
+    "w4a8": "as planned, inside fptq.W4A8MatMul (static per-tensor or per-token int8)",
+    "native": "ONNX Runtime MatMulNBits accuracy_level 4: per-K-block dynamic int8 (planned activation modes not used)",
+}
 
 
 @dataclass
@@ -68,7 +75,8 @@ def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -
 
 
 def make_plan(loaded: LoadedModel, algorithm, config, options: ConvertOptions) -> QuantPlan:
-    with step(f"calibrating ({options.calibration.source}, {options.calibration.samples} x {options.calibration.seqlen} tokens)"):
+    source = resolve_source(options.calibration).source
+    with step(f"calibrating ({source}, {options.calibration.samples} x {options.calibration.seqlen} tokens)"):
         calib = calibrate(loaded.model, loaded.spec, loaded.tokenizer, options.calibration, options.progress)
     with step(f"planning ({options.method})"):
         return algorithm.build_plan(loaded.model, loaded.spec, calib, config)
@@ -82,14 +90,17 @@ def write_format(float_model: ir.Model, plan: QuantPlan, fmt: str, path: Path, l
                  options: ConvertOptions) -> dict:
     with step(f"applying passes for '{fmt}'"):
         model = apply_format(_copy(float_model), plan, fmt)
-    # The qdq model is checked against the full fake-quant reference; native uses ORT's own
-    # per-block activation rounding, so its reference is the weight-only model.
-    reference = apply_plan(loaded.model, loaded.spec, plan, activations=(fmt == "qdq")) if options.verify else None
-    ids = plan_parity_ids(loaded)
-    parity = write_bundle(model, path, loaded, reference, options.tolerance if fmt == "qdq" else None, ids,
-                          "noise" if fmt == "qdq" else "max")
-    manifest = plan.manifest(format=fmt, model=loaded.source.label, architecture=loaded.spec.name,
-                             parity=None if parity is None else parity.__dict__)
+    # qdq and w4a8 are checked against the full fake-quant reference; native uses ORT's own
+    # per-block activation rounding, which torch does not model: it is compared with the
+    # weight-only reference and reported, not bounded.
+    explicit = fmt != "native"
+    reference = apply_plan(loaded.model, loaded.spec, plan, activations=explicit) if options.verify else None
+    parity = write_bundle(model, path, loaded, reference, options.tolerance if explicit else None,
+                          plan_parity_ids(loaded), "noise" if explicit else "max")
+    manifest = plan.manifest(
+        format=fmt, model=loaded.source.label, architecture=loaded.spec.name,
+        runtime_activations=FORMAT_ACTIVATIONS[fmt], parity=None if parity is None else parity.__dict__,
+    )
     if options.ppl_windows > 0:
         manifest["quick_perplexity"] = quick_perplexity(path, reference, loaded, options)
     manifest_path(path).write_text(to_json(manifest))

@@ -47,7 +47,7 @@ class KVCacheWrapper(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         present = []
@@ -197,7 +197,8 @@ def _name_dims(ir_model: ir.Model, spec: ArchSpec, layers: int) -> None:
     learn("attention_mask", 0, "batch_size")
     learn("input_ids", 1, "sequence_length")
     learn("attention_mask", 1, "total_sequence_length")
-    learn(spec.past_names(layers)[0], 2, "past_sequence_length")
+    for name in spec.past_names(layers):
+        learn(name, 2, "past_sequence_length")
     for value in list(graph.inputs) + list(graph.outputs):
         if value.shape is None:
             continue

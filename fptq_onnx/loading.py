@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from safetensors import SafetensorError
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.sources import ModelSource
@@ -28,7 +29,7 @@ def load_model(source: ModelSource, trust_remote_code: bool = False) -> torch.nn
             trust_remote_code=trust_remote_code,
             low_cpu_mem_usage=True,
         )
-    except (OSError, ValueError, KeyError, RuntimeError, EnvironmentError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise FptqError(f"cannot load the model in {source.label}: {_first_line(exc)}") from None
     model.eval()
     return model

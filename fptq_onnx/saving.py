@@ -28,8 +28,10 @@ def check_output_path(path: Path, force: bool) -> None:
     parent = path.parent
     if not parent.is_dir():
         raise FptqError(f"output directory does not exist: {parent}")
-    if not os.access(parent, os.W_OK):
-        raise FptqError(f"output directory is not writable: {parent}")
+    try:  # os.access says yes to root even where writes fail (read-only mounts, /sys)
+        os.rmdir(tempfile.mkdtemp(prefix=".fptq-probe-", dir=parent))
+    except OSError as exc:
+        raise FptqError(f"output directory is not writable: {parent} ({exc.strerror})") from None
     if path.exists() and not force:
         raise FptqError(f"{path} exists; pass --force to overwrite")
 
@@ -41,7 +43,10 @@ def data_file_name(path: Path) -> str:
 @contextmanager
 def staged_outputs(final_dir: Path) -> Iterator[Callable[[str], Path]]:
     """Yield `stage(name) -> temp path`; on success move every staged file into final_dir."""
-    tmp = Path(tempfile.mkdtemp(prefix=".fptq-", dir=final_dir))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=".fptq-", dir=final_dir))
+    except OSError as exc:
+        raise FptqError(f"output directory is not writable: {final_dir} ({exc.strerror})") from None
     staged: list[str] = []
 
     def stage(name: str) -> Path:

@@ -58,7 +58,7 @@ def torch_prefill_decode(model: torch.nn.Module, ids: np.ndarray) -> tuple[np.nd
     with torch.no_grad():
         t = torch.from_numpy(ids)
         out = model(input_ids=t[:, :-1], use_cache=True)
-        step = model(input_ids=t[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+        step = model(input_ids=t[:, -1:], cache=out.past_key_values, use_cache=True)
     return out.logits.float().numpy(), step.logits.float().numpy()
 
 

@@ -1,0 +1,306 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323): second-order weight rounding, W4A16.
+
+Per linear, the Hessian of the layer-output error is H = 2 X Xᵀ / n over the
+calibration inputs X of that linear, taken layer by layer from the model whose
+earlier layers are already quantized (sequential.py). Columns (input channels)
+are quantized one at a time in blocks of `block_size`; each rounding error is
+spread over the not-yet-quantized columns through the Cholesky factor of H⁻¹.
+
+Grouping matches ONNX blocked DequantizeLinear: contiguous groups of
+`group_size` input channels in the original order, ragged last group allowed.
+Group scales are computed when the group's first column is reached (standard
+GPTQ), from the already-updated weights. With `act_order` columns are visited by
+descending diag(H), and the group scales are *static*: computed up front on the
+original weights, so the result is still contiguous groups (ONNX has no g_idx).
+
+All linears of a layer are quantized from the inputs of one pass through the
+(float) layer; the next layer's inputs come from the quantized layer.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from fptq_onnx.algorithms.common import check_group_size
+from fptq_onnx.algorithms.sequential import sequential_layers
+from fptq_onnx.calibration import Calibration, decoder_linears
+from fptq_onnx.errors import FptqError
+from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
+from fptq_onnx.quant import QuantizedWeight, int_range, num_groups
+
+SUMMARY = "W4A16: GPTQ second-order weight rounding (group-wise int4, float activations)"
+
+
+@dataclass(frozen=True)
+class Config:
+    group_size: int = 128
+    symmetric: bool = True
+    bits: int = 4
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+
+    def validate(self) -> None:
+        check_group_size(self.group_size)
+        if self.bits not in (4, 8):
+            raise FptqError(f"GPTQ bits must be 4 or 8, got {self.bits}")
+        if not 0 < self.damp < 1:
+            raise FptqError(f"GPTQ damp must be in (0, 1), got {self.damp}")
+        if self.block_size < 1:
+            raise FptqError(f"GPTQ block size must be positive, got {self.block_size}")
+
+
+# --------------------------------------------------------------------------- the quantizer grid
+
+
+def _grid_params(w: torch.Tensor, symmetric: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of w [N, cols]: the same rule as quant.quantize_groups."""
+    lo_q, hi_q = int_range(bits, symmetric)
+    if symmetric:
+        absmax = w.abs().amax(dim=1)
+        scale = torch.where(absmax > 0, absmax / hi_q, torch.ones_like(absmax))
+        return scale, torch.zeros_like(scale)
+    lo = torch.clamp(w.amin(dim=1), max=0.0)
+    hi = torch.clamp(w.amax(dim=1), min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / hi_q, torch.ones_like(hi))
+    zero = torch.clamp(torch.round(-lo / scale), 0, hi_q)
+    return scale, zero
+
+
+def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool, bits: int):
+    """(integer level, dequantized value) of one column w [N]."""
+    lo_q, hi_q = int_range(bits, symmetric)
+    if symmetric:
+        q = torch.clamp(torch.round(w / scale), lo_q, hi_q)
+    else:
+        q = torch.clamp(torch.round(w / scale) + zero, 0, hi_q)
+    return q, (q - zero) * scale
+
+
+# --------------------------------------------------------------------------- GPTQ on one weight
+
+
+def _inverse_hessian_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp·mean(diag H)·I)⁻¹; more damping if H is not PD numerically."""
+    k = h.shape[0]
+    mean_diag = torch.mean(torch.diag(h))
+    for attempt in range(6):
+        hd = h.clone()
+        hd.diagonal().add_(damp * (10**attempt) * mean_diag)
+        try:
+            lower = torch.linalg.cholesky(hd)
+            inv = torch.cholesky_inverse(lower)
+            return torch.linalg.cholesky(inv, upper=True)
+        except torch.linalg.LinAlgError:
+            continue
+    raise FptqError(f"GPTQ: Hessian of a [{k} x {k}] input is not positive definite even with heavy damping")
+
+
+def gptq_quantize(
+    weight_kn: np.ndarray | torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    symmetric: bool = True,
+    bits: int = 4,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+) -> QuantizedWeight:
+    """GPTQ one weight given in the [K, N] layout with its input Hessian H [K, K].
+
+    Returns the QuantizedWeight (same layout and rounding rules as quant.quantize_groups).
+    """
+    w_kn = torch.as_tensor(np.asarray(weight_kn, np.float32) if isinstance(weight_kn, np.ndarray) else weight_kn)
+    W = w_kn.detach().float().T.clone()  # [N, K]: columns are input channels, as in the paper's code
+    n, k = W.shape
+    H = hessian.detach().float().clone()
+    if H.shape != (k, k):
+        raise FptqError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match K={k}")
+    lo_q, hi_q = int_range(bits, symmetric)
+    groups = num_groups(k, group_size)
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    scales = torch.zeros(groups, n)
+    zeros = torch.zeros(groups, n)
+    if act_order:
+        # Static groups: grids from the original weights, original contiguous grouping.
+        for g in range(groups):
+            scales[g], zeros[g] = _grid_params(W[:, g * group_size : (g + 1) * group_size], symmetric, bits)
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        invperm = torch.argsort(perm)
+    else:
+        perm = invperm = None
+
+    Hinv = _inverse_hessian_factor(H, damp)
+    Q = torch.zeros_like(W)  # integer levels
+    for i1 in range(0, k, block_size):
+        i2 = min(i1 + block_size, k)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            col = i1 + i
+            if act_order:
+                g = int(perm[col]) // group_size
+            else:
+                g = col // group_size
+                if col % group_size == 0:
+                    # The group's columns as they are now (updated by earlier errors).
+                    end = min(col + group_size, k)
+                    current = W1[:, i : min(end - i1, count)]
+                    if end > i2:
+                        current = torch.cat([current, W[:, i2:end]], dim=1)
+                    scales[g], zeros[g] = _grid_params(current, symmetric, bits)
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q, dq = _quantize_column(w, scales[g], zeros[g], symmetric, bits)
+            Q1[:, i] = q
+            err = (w - dq) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    if act_order:
+        Q = Q[:, invperm]
+    q = Q.T.numpy()  # [K, N]
+    q = q.astype(np.int8) if symmetric or bits < 8 else q.astype(np.uint8)
+    assert q.min() >= lo_q and q.max() <= hi_q
+    zero_points = None if symmetric else zeros.numpy().astype(np.uint8)
+    return QuantizedWeight(q=q, scales=scales.numpy().astype(np.float32), zero_points=zero_points,
+                           group_size=group_size, bits=bits)
+
+
+# --------------------------------------------------------------------------- sequential GPTQ over a model
+
+
+class HessianAccumulator:
+    """Running H = 2/n Σ xᵀx over the rows of the inputs seen so far (the paper's update)."""
+
+    def __init__(self, k: int) -> None:
+        self.h = torch.zeros(k, k)
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().reshape(-1, x.shape[-1]).float()
+        t = x.shape[0]
+        self.h *= self.n / (self.n + t)
+        self.n += t
+        x = x * (2.0 / self.n) ** 0.5
+        self.h.addmm_(x.T, x)
+
+
+def _input_groups(spec: ArchSpec) -> list[tuple[str, ...]]:
+    """Linears of one layer that read the same input (one Hessian each group)."""
+    return [tuple(g.linears) for g in spec.groups] + [(p.consumer,) for p in spec.pairs]
+
+
+def apply_equalizations_torch(model: torch.nn.Module, equalizations: list[Equalization]) -> None:
+    """In place, like fakequant.apply_plan: norm weight / s, producer rows (and bias) / s, consumer columns * s."""
+    modules = dict(model.named_modules())
+    with torch.no_grad():
+        for eq in equalizations:
+            source = modules[eq.source]
+            side = torch.from_numpy(np.asarray(eq.source_side(), np.float32))
+            if eq.kind == "norm":
+                source.weight.div_(side)
+            else:
+                source.weight.div_(side[:, None])
+                if getattr(source, "bias", None) is not None:
+                    source.bias.div_(side)
+            scale = torch.from_numpy(np.asarray(eq.scale, np.float32))
+            for name in eq.linears:
+                modules[name].weight.mul_(scale[None, :])
+
+
+def run_gptq(
+    model: torch.nn.Module,
+    spec: ArchSpec,
+    tokens: torch.Tensor,
+    group_size: int,
+    symmetric: bool,
+    bits: int = 4,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    progress: bool | None = None,
+) -> dict[str, QuantizedWeight]:
+    """Sequential GPTQ *in place* on `model` (its linears end up dequantized); returns the weights."""
+    out: dict[str, QuantizedWeight] = {}
+    for step in sequential_layers(model, spec, tokens, desc="gptq"):
+        hessians: dict[str, HessianAccumulator] = {}
+        handles = []
+        for names in _input_groups(spec):
+            module = step.linears[step.prefix + names[0]]
+            acc = HessianAccumulator(module.in_features)
+            for name in names:
+                hessians[step.prefix + name] = acc
+            handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+        try:
+            step.forward(keep=False)
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, acc in hessians.items():
+            module = step.linears[name]
+            qw = gptq_quantize(module.weight.detach().T, acc.h, group_size, symmetric, bits, damp, block_size,
+                               act_order)
+            with torch.no_grad():
+                module.weight.copy_(torch.from_numpy(qw.dequantize().T))
+            out[name] = qw
+        step.reuse_outputs = False  # next inputs come from the quantized layer
+    missing = set(decoder_linears(model, spec)) - set(out)
+    if missing:
+        raise FptqError(f"GPTQ never reached {sorted(missing)[0]}; is it in the architecture table?")
+    return out
+
+
+def gptq_weights(
+    model: torch.nn.Module,
+    spec: ArchSpec,
+    calib: Calibration,
+    equalizations: list[Equalization],
+    group_size: int,
+    symmetric: bool,
+    bits: int = 4,
+    damp: float = 0.01,
+    act_order: bool = False,
+    block_size: int = 128,
+) -> dict[str, QuantizedWeight]:
+    """GPTQ as a weight quantizer after equalization (for FPTQ and others).
+
+    Applies the equalizations to a deep copy of the model (the function is
+    unchanged), then runs sequential GPTQ on it with float activations. The
+    returned weights are of the equalized linears, ready for a plan with the
+    same equalizations.
+    """
+    work = copy.deepcopy(model).eval()
+    apply_equalizations_torch(work, equalizations)
+    return run_gptq(work, spec, calib.tokens, group_size, symmetric, bits, damp, block_size, act_order)
+
+
+def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
+    config.validate()
+    weights = gptq_weights(model, spec, calib, [], config.group_size, config.symmetric, config.bits, config.damp,
+                           config.act_order, config.block_size)
+    plan = QuantPlan(method="gptq", config=asdict(config), calibration=calib.describe())
+    grid = f"int{config.bits} g{config.group_size} {'sym' if config.symmetric else 'asym'}"
+    for name in decoder_linears(model, spec):
+        m = calib.stats[name].max_abs if name in calib.stats else 0.0
+        plan.linears[name] = LinearPlan(
+            name, "gptq", ActMode.NONE, m, m, weight=weights[name],
+            reason=f"GPTQ {grid}{', act_order (static groups)' if config.act_order else ''}; float activations",
+        )
+    return plan

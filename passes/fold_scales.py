@@ -28,6 +28,8 @@ class FoldScalesPass(ir.passes.InPlacePass):
                     raise FptqError(f"cannot fold into {eq.source}: no initializer {name} in the graph")
                 replace_initializer(graph, name, initializer_array(graph, name) / eq.scale)
             elif eq.kind == "linear":
+                if eq.source not in matmuls:
+                    raise FptqError(f"cannot fold into {eq.source}: no MatMul of that name in the graph")
                 side = eq.source_side()
                 weight = f"{eq.source}.weight"
                 replace_initializer(graph, weight, initializer_array(graph, weight) / side[None, :])
@@ -38,5 +40,7 @@ class FoldScalesPass(ir.passes.InPlacePass):
                 raise FptqError(f"unknown equalization source kind '{eq.kind}'")
             for linear in eq.linears:
                 weight = f"{linear}.weight"
+                if weight not in graph.initializers:
+                    raise FptqError(f"cannot scale {linear}: no initializer {weight} in the graph")
                 replace_initializer(graph, weight, initializer_array(graph, weight) * eq.scale[:, None])
         return ir.passes.PassResult(model, modified=bool(self.equalizations))

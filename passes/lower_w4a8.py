@@ -105,11 +105,11 @@ def _rewrite(graph: ir.Graph, m: _Match) -> None:
         metadata_props=dict(m.matmul.metadata_props), doc_string=m.matmul.doc_string,
     )
     out = m.matmul.outputs[0]
-    fused.outputs[0].name, fused.outputs[0].shape, fused.outputs[0].type = out.name + "_w4a8", out.shape, out.type
+    value_name = out.name
+    out.name = f"{value_name}/replaced"
+    fused.outputs[0].name, fused.outputs[0].shape, fused.outputs[0].type = value_name, out.shape, out.type
     graph.insert_before(m.matmul, fused)
-    ir.convenience.replace_all_uses_with(out, fused.outputs[0])
-    if out in graph.outputs:
-        graph.outputs[graph.outputs.index(out)] = fused.outputs[0]
+    ir.convenience.replace_all_uses_with(out, fused.outputs[0], replace_graph_outputs=True)
     graph.remove(m.matmul, safe=True)
 
 

@@ -1,7 +1,7 @@
 """Replace each planned MatMul's float B with a DequantizeLinear of its integer weight (opset 21).
 
 Group-wise: INT4/UINT4 [K, N] (UINT with zero points), scales [ceil(K/G), N], axis 0,
-block_size G. Per-channel (one group, e.g. W8): per-axis DQ, axis 1, scale [N]. ORT fuses DQ + MatMul into MatMulNBits when nothing else
+block_size G. 8-bit per-channel (one group): per-axis DQ, axis 1, scale [N]. ORT fuses DQ + MatMul into MatMulNBits when nothing else
 sits on the activation side.
 """
 
@@ -41,9 +41,11 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
             if old.shape is not None and tuple(old.shape) != (k, n):
                 raise FptqError(f"{name}: planned weight is {k}x{n} but the graph's B is {tuple(old.shape)}")
             dtype = _DTYPES[(qw.bits, qw.symmetric)]
-            # One group is per-output-channel: the canonical per-axis DQ (axis 1, scale [N]).
-            scales = qw.scales[0] if qw.per_channel else qw.scales
-            zero_points = None if qw.symmetric else (qw.zero_points[0] if qw.per_channel else qw.zero_points)
+            # 8-bit with one group is per-output-channel: the canonical per-axis DQ (axis 1, scale [N]).
+            # 4-bit stays blocked along K (even with one block) so the W4A8 lowering sees one pattern.
+            per_axis = qw.per_channel and qw.bits == 8
+            scales = qw.scales[0] if per_axis else qw.scales
+            zero_points = None if qw.symmetric else (qw.zero_points[0] if per_axis else qw.zero_points)
             inputs = [
                 add_initializer(graph, f"{name}.weight_q", qw.q if qw.symmetric else qw.q.astype(np.uint8), dtype),
                 add_initializer(graph, f"{name}.weight_scale", scales),
@@ -52,7 +54,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
                 inputs.append(add_initializer(graph, f"{name}.weight_zero_point", zero_points, dtype))
             attributes = (
                 {"axis": ir.AttrInt64("axis", 1)}
-                if qw.per_channel
+                if per_axis
                 else {"axis": ir.AttrInt64("axis", 0), "block_size": ir.AttrInt64("block_size", qw.group_size)}
             )
             dq = ir.Node("", "DequantizeLinear", inputs, attributes=attributes, name=f"{name}/dequantize_weight")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from fptq_onnx.passes.graph_utils import matmuls_by_name, set_metadata
+from fptq_onnx.passes.graph_utils import set_metadata
 from fptq_onnx.plan import QuantPlan
 
 
@@ -18,7 +18,8 @@ class StampDecisionsPass(ir.passes.InPlacePass):
         self.fmt = fmt
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        matmuls = matmuls_by_name(model.graph)
+        # Lowered linears are W4A8MatMul nodes with the same names.
+        matmuls = {node.name: node for node in model.graph if node.name}
         for name, lp in self.plan.linears.items():
             node = matmuls.get(name)
             if node is None:

@@ -93,6 +93,25 @@ def parse_method(text: str) -> MethodSpec:
     return MethodSpec(text.strip(), name, options)
 
 
+def split_methods(text: str) -> list[str]:
+    """'fp32,rtn:bits=8,act=per_token,fptq' -> ['fp32', 'rtn:bits=8,act=per_token', 'fptq'].
+
+    A comma piece holding '=' but no ':' is one more option of the method before it
+    (method names never contain '='), so one comma list can carry options.
+    """
+    out: list[str] = []
+    for piece in (p.strip() for p in text.split(",")):
+        if not piece:
+            continue
+        if "=" in piece and ":" not in piece:
+            if not out:
+                raise FptqError(f"'{piece}' in '{text}' is an option without a method before it")
+            out[-1] += ("," if ":" in out[-1] else ":") + piece
+        else:
+            out.append(piece)
+    return out
+
+
 def _check_methods(texts: list[str]) -> list[tuple[MethodSpec, object, object]]:
     """(spec, algorithm module, config) per method; every name and option checked before any work."""
     if not texts:
@@ -135,6 +154,22 @@ def _check_tasks(tasks: list[str], data_dir) -> list[str]:
         names.append(ALIASES.get(task, task))
     resolve_data_dir(data_dir)  # a missing data dir fails now, not after the first conversion
     return list(dict.fromkeys(names))
+
+
+def _check_calibration(calibration: CalibrationConfig, rows) -> CalibrationConfig:
+    """'auto' resolved once (what manifests record); a source that cannot work fails now, not after the export."""
+    from fptq_onnx.calibration import RANDOM_SOURCE, WIKITEXT2_SOURCE, resolve_source
+    from fptq_onnx.evaluation.data import WIKITEXT2_FILE, data_file, resolve_data_dir
+
+    calibration = resolve_source(calibration)
+    if all(spec.is_float for spec, _, _ in rows) or calibration.source == RANDOM_SOURCE:
+        return calibration
+    if calibration.source == WIKITEXT2_SOURCE:
+        data_file(resolve_data_dir(calibration.data_dir), WIKITEXT2_FILE)
+    elif not Path(calibration.source).expanduser().is_file():
+        raise FptqError(f"calibration source '{calibration.source}' is neither 'wikitext2', 'random' nor an existing "
+                        ".txt/.jsonl file")
+    return calibration
 
 
 def method_format(module) -> str:
@@ -427,6 +462,7 @@ def compare_command(
     calibration = calibration or CalibrationConfig()
     if calibration.data_dir is None and data_dir is not None:
         calibration = dataclasses.replace(calibration, data_dir=data_dir)
+    calibration = _check_calibration(calibration, rows)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FptqError(f"{out_dir} exists and is not a directory")

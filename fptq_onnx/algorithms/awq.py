@@ -35,7 +35,11 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from fptq_onnx.algorithms.common import apply_equalizations, check_group_size, expand_heads
+from fptq_onnx.algorithms.common import (
+    apply_equalizations,
+    check_group_size,
+    expand_heads,
+)
 from fptq_onnx.algorithms.sequential import sequential_layers
 from fptq_onnx.calibration import Calibration, decoder_linears
 from fptq_onnx.errors import FptqError

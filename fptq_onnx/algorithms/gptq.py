@@ -60,7 +60,7 @@ class Config:
 
 def _grid_params(w: torch.Tensor, symmetric: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) per row of w [N, cols]: the same rule as quant.quantize_groups."""
-    lo_q, hi_q = int_range(bits, symmetric)
+    _, hi_q = int_range(bits, symmetric)
     if symmetric:
         absmax = w.abs().amax(dim=1)
         scale = torch.where(absmax > 0, absmax / hi_q, torch.ones_like(absmax))
@@ -263,7 +263,7 @@ def run_gptq(
         step.reuse_outputs = False  # next inputs come from the quantized layer
     missing = set(decoder_linears(model, spec)) - set(out)
     if missing:
-        raise FptqError(f"GPTQ never reached {sorted(missing)[0]}; is it in the architecture table?")
+        raise FptqError(f"GPTQ never reached {min(missing)}; is it in the architecture table?")
     return out
 
 

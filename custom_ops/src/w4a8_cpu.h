@@ -1,0 +1,115 @@
+// CPU implementation of W4A8MatMul (see include/fptq/w4a8_contract.h).
+// Independent of ONNX Runtime: the ORT glue (ort_w4a8_op.cpp) validates
+// inputs and hands raw pointers plus a parallel-for callback to W4A8Compute.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "fptq/w4a8_contract.h"
+
+namespace fptq {
+namespace cpu {
+
+enum class Isa : int { kScalar = 0, kAvx2, kAvxVnni, kAvx512Vnni };
+
+const char* IsaName(Isa isa);
+bool IsaSupported(Isa isa);  // compiled in and supported by this CPU/OS
+// Best supported ISA; env FPTQ_OPS_ISA=scalar|avx2|avxvnni|avx512vnni forces one
+// (if the forced one is unsupported, the best supported one is used).
+Isa SelectIsa();
+
+// Columns are processed in panels of kPanel; scales and zero points are
+// re-laid out once per weight as [n_panels][n_groups][kPanel] (pad columns: 0).
+constexpr int kPanel = 8;
+
+struct PackedQParams {
+  int64_t n_panels = 0;
+  int64_t n_groups = 0;
+  std::vector<float> scales;
+  std::vector<uint8_t> zp;
+};
+
+// Weights re-laid out for the SIMD kernels, once per weight: per panel of 8
+// columns, per group, per block of 8 k-elements, 32 bytes: bytes 4c..4c+3 hold
+// column c's elements k..k+3 (low nibbles) and k+4..k+7 (high nibbles).  So one
+// 32-byte load gives 8 columns x 4 elements (low) and the next 4 (high), and a
+// 4-byte activation broadcast dots all 8 columns at once (no horizontal sums).
+// Pad columns are 0.  Size: n_panels * n_groups * G/2 * 8 bytes.
+void PackWeightsPanels(const W4A8Attrs& attrs, const uint8_t* B, std::vector<uint8_t>* out);
+
+// scales: [N, n_groups]; zero_points: [N, n_groups] or nullptr (all 8).
+// Returns "" or an error message (zero point out of 0..15).
+std::string PackQParams(const W4A8Attrs& attrs, const float* scales, const uint8_t* zero_points, PackedQParams* out);
+
+// Parallel-for supplied by the caller (ORT's intra-op pool); fn(data, i) for
+// i in [0, total), any order, possibly concurrently.  run == nullptr: serial.
+struct Parallel {
+  void (*run)(void* runner, void (*fn)(void*, size_t), size_t total, void* data) = nullptr;
+  void* runner = nullptr;
+  void For(void (*fn)(void*, size_t), size_t total, void* data) const;
+};
+
+struct W4A8Problem {
+  W4A8Attrs attrs;
+  int64_t M = 0;
+  const float* A = nullptr;       // [M, K]
+  const uint8_t* B = nullptr;     // [N, n_groups, G/2]
+  const uint8_t* B_packed = nullptr;  // PackWeightsPanels(B), or nullptr (packed per call if needed)
+  const PackedQParams* qp = nullptr;
+  float act_scale = 1.0f;         // used when act_mode == static
+  const float* bias = nullptr;    // [N] or nullptr
+  float* Y = nullptr;             // [M, N]
+};
+
+void W4A8Compute(Isa isa, const W4A8Problem& problem, const Parallel& parallel);
+
+// ---- internal interface between the driver and the per-ISA kernels ----
+namespace detail {
+
+struct QuantArgs {
+  const float* A;
+  int64_t K, Kq, G;         // Kq: padded row length of q (n_groups * G rounded up to 64), zero filled
+  int64_t qsum_stride;
+  bool per_token;
+  float act_scale;
+  int8_t* q;                // [M, Kq]
+  int32_t* qsum;            // [M, qsum_stride]
+  float* sa;                // [M]
+};
+
+struct TileArgs {
+  int64_t K, N, G, n_groups, Kq, qsum_stride;
+  const uint8_t* B;         // contract layout (scalar tile)
+  const uint8_t* B_packed;  // PackWeightsPanels layout (SIMD tiles)
+  const PackedQParams* qp;
+  const int8_t* q;
+  const int32_t* qsum;
+  const float* sa;
+  const float* bias;
+  float* Y;
+};
+
+using QuantizeRowsFn = void (*)(const QuantArgs&, int64_t r0, int64_t r1);
+// Rows [r0, r1) x panels [p0, p1).
+using TileFn = void (*)(const TileArgs&, int64_t r0, int64_t r1, int64_t p0, int64_t p1);
+
+struct IsaKernels {
+  QuantizeRowsFn quantize;
+  TileFn tile;
+  bool needs_packed_b;     // tile reads TileArgs::B_packed
+};
+
+IsaKernels ScalarKernels();
+bool NeedsPackedWeights(Isa isa);
+#if defined(FPTQ_HAVE_X86_KERNELS)
+IsaKernels Avx2Kernels();
+IsaKernels AvxVnniKernels();     // valid only if FPTQ_HAVE_AVXVNNI
+IsaKernels Avx512VnniKernels();
+#endif
+
+}  // namespace detail
+}  // namespace cpu
+}  // namespace fptq

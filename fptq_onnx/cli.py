@@ -139,6 +139,39 @@ def eval_(
 
 
 @app.command()
+def compare(
+    model: ModelArg = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="Directory for the models, results.json, comparison.md/.png.")] = Path("compare"),
+    methods: Annotated[str, typer.Option(help="Comma list of NAME[:key=value,...]; fp32 is the float baseline.")] = "fp32,rtn,ort-acc4,smoothquant,gptq,awq,fptq",
+    tasks: Annotated[str, typer.Option(help="Comma list: wikitext2, lambada, piqa, arc_easy, winogrande, or .txt/.jsonl files.")] = "wikitext2,lambada,piqa,winogrande,arc_easy",
+    limit: Annotated[Optional[int], typer.Option(help="At most this many perplexity windows (and task items unless --item-limit).")] = None,
+    item_limit: Annotated[Optional[int], typer.Option(help="At most this many items per zero-shot task.")] = None,
+    seqlen: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 2048,
+    calib: Annotated[str, typer.Option(help="Calibration: auto, wikitext2, random, or a .txt/.jsonl file.")] = "auto",
+    calib_samples: Annotated[int, typer.Option(help="Calibration windows.")] = 32,
+    calib_seqlen: Annotated[int, typer.Option(help="Tokens per calibration window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for calibration sampling.")] = 0,
+    data_dir: Annotated[Optional[str], typer.Option(help="Data dir (WikiText-2, tasks); default $FPTQ_DATA_DIR.")] = None,
+    verify: Annotated[bool, typer.Option(help="Run each convert's parity check (slower).")] = False,
+    threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = ORT default).")] = 0,
+    force: Annotated[bool, typer.Option(help="Rebuild and re-score everything instead of resuming.")] = False,
+    allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (.bin) weights, which can run code.")] = False,
+) -> None:
+    """Quantize one model with several methods, score each through ONNX Runtime, write a table and a chart."""
+    from fptq_onnx.calibration import CalibrationConfig
+    from fptq_onnx.compare import compare_command, split_methods
+
+    table = compare_command(
+        model, split_methods(methods), [t.strip() for t in tasks.split(",") if t.strip()], out_dir,
+        limit=limit, item_limit=item_limit, seqlen=seqlen, data_dir=data_dir,
+        calibration=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
+                                      data_dir=data_dir),
+        force=force, verify=verify, threads=threads or None, allow_pickle=allow_pickle,
+    )
+    print(table.read_text())
+
+
+@app.command()
 def methods() -> None:
     """List the quantization methods."""
     from fptq_onnx.algorithms import available

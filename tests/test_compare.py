@@ -122,3 +122,15 @@ def test_bad_calibration_source_fails_before_any_work(tmp_path, tiny_data):
     with pytest.raises(FptqError, match="calibration source"):
         compare_command(str(tmp_path / "no-model"), ["fp32", "rtn"], ["wikitext2"], tmp_path / "out",
                         data_dir=str(tiny_data), calibration=CalibrationConfig(source=str(tmp_path / "missing.txt")))
+
+
+def test_compare_cli(cli, tiny_checkpoint, tiny_data, tmp_path):
+    out = tmp_path / "cli"
+    result = cli("compare", tiny_checkpoint, "--out", out, "--methods", "fp32,rtn:bits=8,act=per_token",
+                 "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16", "--calib", "random",
+                 "--calib-samples", "2", "--calib-seqlen", "16", "--data-dir", tiny_data)
+    assert result.code == 0, result.stderr
+    assert "| `rtn:bits=8,act=per_token` |" in result.stdout and "WikiText-2 ppl" in result.stdout
+    assert (out / "rtn-bits8-actper_token" / "model.onnx").is_file()
+    bad = cli("compare", tiny_checkpoint, "--out", tmp_path / "bad", "--methods", "fp32,nope", "--data-dir", tiny_data)
+    assert bad.code == 1 and bad.stderr.strip().splitlines()[-1].startswith("error: unknown method 'nope'")

@@ -61,10 +61,12 @@ def generate(
 def convert(
     model: ModelArg = None,
     out: OutArg = Path("model.onnx"),
-    method: Annotated[str, typer.Option(help="Quantization method (see `fptq-onnx methods`).")] = "fptq",
+    method: Annotated[Optional[str], typer.Option(help="Quantization method (see `fptq-onnx methods`); default fptq.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="A named method + options: fptq (the paper) or best (accuracy first).")] = None,
     format: Annotated[str, typer.Option("--format", help="Comma list of qdq, w4a8, native; the first is OUT, others OUT.<fmt>.onnx.")] = "qdq,w4a8",
     group_size: Annotated[int, typer.Option(help="int4 weight group size along K (power of two >= 16).")] = 128,
-    asym: Annotated[bool, typer.Option("--asym", help="Asymmetric int4 weights (zero points).")] = False,
+    asym: Annotated[Optional[bool], typer.Option("--asym/--sym", help="Asymmetric int4 weights (zero points); default: the method's.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="int4 weight quantizer after equalization: rtn, mse (clip search) or gptq; default: the method's.")] = None,
     v0: Annotated[float, typer.Option(help="FPTQ: below this max|X| -> per-tensor static int8.")] = 15.0,
     v1: Annotated[float, typer.Option(help="FPTQ: at or above this max|X| -> per-token dynamic int8.")] = 150.0,
     fold_pairs: Annotated[bool, typer.Option("--fold-pairs", help="FPTQ extension: LAE for o_proj/down_proj folded into v_proj/up_proj.")] = False,
@@ -86,11 +88,18 @@ def convert(
     from fptq_onnx.convert import ConvertOptions, convert_command
     from fptq_onnx.formats import parse_formats
 
+    from fptq_onnx.algorithms import recipe as named_recipe
+
+    method_name, recipe_options = named_recipe(recipe) if recipe else (method or "fptq", {})
+    if recipe and method and method != method_name:
+        raise FptqError(f"--recipe {recipe} is method '{method_name}'; drop --method {method} or the recipe")
+    chosen = dict(group_size=group_size, symmetric=None if asym is None else not asym, v0=v0, v1=v1,
+                  fold_pairs=fold_pairs, act_clip=act_clip, weights=weights)
     options = ConvertOptions(
-        method=method,
+        method=method_name,
+        recipe=recipe,
         formats=parse_formats(format),
-        algorithm_options=dict(group_size=group_size, symmetric=not asym, v0=v0, v1=v1, fold_pairs=fold_pairs,
-                               act_clip=act_clip),
+        algorithm_options={**recipe_options, **{k: v for k, v in chosen.items() if v is not None}},
         calibration=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
                                       data_dir=data_dir),
         extra_options=_key_values(opt or []),

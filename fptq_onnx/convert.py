@@ -36,6 +36,7 @@ FORMAT_ACTIVATIONS = {
 @dataclass
 class ConvertOptions:
     method: str = "fptq"
+    recipe: str | None = None  # the `--recipe` name that chose method and options, for the manifest
     formats: list[str] = field(default_factory=lambda: ["qdq", "w4a8"])
     algorithm_options: dict = field(default_factory=dict)
     extra_options: dict[str, str] = field(default_factory=dict)
@@ -98,7 +99,7 @@ def write_format(float_model: ir.Model, plan: QuantPlan, fmt: str, path: Path, l
     parity = write_bundle(model, path, loaded, reference, options.tolerance if explicit else None,
                           plan_parity_ids(loaded), "noise" if explicit else "max")
     manifest = plan.manifest(
-        format=fmt, model=loaded.source.label, architecture=loaded.spec.name,
+        format=fmt, recipe=options.recipe, model=loaded.source.label, architecture=loaded.spec.name,
         runtime_activations=FORMAT_ACTIVATIONS[fmt], parity=None if parity is None else parity.__dict__,
     )
     if options.ppl_windows > 0:

@@ -113,8 +113,11 @@ def test_generate_on_w4a8(cli, converted):
         (("--calib", "/nonexistent.txt"), "nonexistent"),
         (("--method", "bogus"), "method"),
         (("--opt", "nonsense=1"), "nonsense"),
+        (("--recipe", "fastest"), "recipe"),
+        (("--recipe", "best", "--method", "rtn"), "recipe"),
+        (("--weights", "awq2"), "weight quantizer"),
     ],
-    ids=["group-size", "thresholds", "format", "calib", "method", "opt"],
+    ids=["group-size", "thresholds", "format", "calib", "method", "opt", "recipe", "recipe-method", "weights"],
 )
 def test_bad_options_fail_cleanly(cli, tiny_checkpoint, tmp_path, args, match):
     out_dir = tmp_path / "out"
@@ -142,3 +145,24 @@ def test_convert_real_export_subprocess(cli, tiny_checkpoint, tmp_path):
     assert out.is_file() and out.with_name("m.w4a8.onnx").is_file()
     gen = cli("generate", out.with_name("m.w4a8.onnx"), "hi", "--max-new-tokens", "3", in_process=False)
     assert gen.code == 0, gen.stderr
+
+
+def test_recipe_best_writes_all_three_forms(cli, tiny_checkpoint, tiny_onnx, tmp_path):
+    """`--recipe best`: the auto policy with asymmetric GPTQ weights, recorded in every manifest."""
+    import onnx_ir as ir
+
+    from fptq_onnx import convert
+
+    out = tmp_path / "best.onnx"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(convert, "export_float", lambda model, spec: ir.load(tiny_onnx["llama"]))
+        result = cli("convert", tiny_checkpoint, out, "--recipe", "best", "--format", ",".join(FORMATS),
+                     *CONVERT_ARGS)
+    assert result.code == 0, result.stdout + result.stderr
+    for fmt, path in _paths(out).items():
+        manifest = json.loads(path.with_name(path.stem + ".manifest.json").read_text())
+        assert (manifest["recipe"], manifest["method"], manifest["format"]) == ("best", "auto", fmt)
+        assert manifest["config"]["weights"] == "gptq" and manifest["config"]["symmetric"] is False
+        assert all(lp["weight"]["symmetric"] is False for lp in manifest["linears"].values())
+        if fmt != "native":  # the convert passed its parity bound (else exit 1); the numbers are recorded
+            assert manifest["parity"]["metric"] == "noise" and manifest["parity"]["top1_agreement"] > 0.9

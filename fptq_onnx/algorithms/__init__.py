@@ -21,7 +21,24 @@ ALGORITHMS: dict[str, str] = {
     "smoothquant": "fptq_onnx.algorithms.smoothquant",
     "gptq": "fptq_onnx.algorithms.gptq",
     "awq": "fptq_onnx.algorithms.awq",
+    "auto": "fptq_onnx.algorithms.auto",
 }
+
+
+# `convert --recipe NAME`: a method with its options, named for what users want.
+RECIPES: dict[str, tuple[str, dict]] = {
+    # The paper, unchanged: thresholds 15 / 150, LAE on norm groups, int4 RTN symmetric.
+    "fptq": ("fptq", {}),
+    # Accuracy first (bench/ablation_smollm2.md): measured-error policy, asymmetric int4, GPTQ weights.
+    "best": ("auto", {"symmetric": False, "weights": "gptq"}),
+}
+
+
+def recipe(name: str) -> tuple[str, dict]:
+    if name not in RECIPES:
+        raise FptqError(f"unknown recipe '{name}'; known: {', '.join(RECIPES)}")
+    method, options = RECIPES[name]
+    return method, dict(options)
 
 
 def get(name: str) -> ModuleType:

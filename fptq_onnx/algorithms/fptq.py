@@ -18,14 +18,12 @@ from dataclasses import asdict, dataclass
 import torch
 
 from fptq_onnx.algorithms.common import (
-    apply_equalizations,
     check_group_size,
     clipped_static_scale,
     expand_heads,
-    float_weights,
     grouped_head_scale,
-    quantize_weights,
 )
+from fptq_onnx.algorithms.weight_quant import check_weight_quantizer, quantize_equalized
 from fptq_onnx.calibration import Calibration
 from fptq_onnx.errors import FptqError
 from fptq_onnx.models.registry import ArchSpec, layer_prefix
@@ -44,9 +42,11 @@ class Config:
     symmetric: bool = True
     fold_pairs: bool = False
     act_clip: str = "max"
+    weights: str = "rtn"  # the paper's RTN; mse / gptq are the weight quantizers of weight_quant.py
 
     def validate(self) -> None:
         check_group_size(self.group_size)
+        check_weight_quantizer(self.weights)
         if not 0 < self.v0 < self.v1:
             raise FptqError(f"thresholds must satisfy 0 < v0 < v1, got v0={self.v0}, v1={self.v1}")
 
@@ -102,7 +102,8 @@ def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, confi
             else:
                 plan.linears[name] = per_token(name, f"max {m:.1f} >= v1={config.v1:g}")
 
-    weights = apply_equalizations(float_weights(model, spec), plan.equalizations)
-    for name, qw in quantize_weights(weights, config.group_size, config.symmetric).items():
+    weights = quantize_equalized(model, spec, calib, plan.equalizations, config.group_size, config.symmetric,
+                                 config.weights)
+    for name, qw in weights.items():
         plan.linears[name].weight = qw
     return plan

@@ -1,0 +1,249 @@
+"""Accuracy-first W4A8: each linear's equalization and activation mode chosen by measured error.
+
+FPTQ picks the activation mode from max|X| with fixed thresholds (15 / 150). This
+generalises it: for every group of linears reading one input (q/k/v after the
+attention norm, gate/up after the MLP norm, o_proj, down_proj), on that layer's
+calibration inputs X, we try each equalization s
+
+    none | LAE (FPTQ) | SmoothQuant α ∈ `alphas` | AWQ-searched (mean|x|^α grid)
+
+(o_proj / down_proj only where s folds into v_proj / up_proj) and each activation
+mode for X / s
+
+    per-tensor static int8, range chosen by output error over a clip grid
+    per-token dynamic int8
+
+with int4 RTN weights of W · s, and measure the group's relative output error
+‖X W − Q(X/s) Q(s W)‖² / ‖X W‖². Each group takes its lowest-error pair; if more
+linears would be dynamic than `max_dynamic` allows (dynamic costs a reduction per
+token at run time), the groups losing least by going static are switched first.
+The final int4 weights come from `weights` (rtn | mse | gptq, weight_quant.py)
+on the chosen equalizations. Every choice and its measured errors go to the
+manifest, so `inspect` explains each layer.
+
+Inputs are those of the float model (like AWQ): equalizations preserve the float
+function, so every group is measured independently of the others' choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from fptq_onnx.algorithms.awq import Config as AwqConfig
+from fptq_onnx.algorithms.awq import _pair_tie, fake_quant, search_scale, token_subsample
+from fptq_onnx.algorithms.common import check_group_size, expand_heads
+from fptq_onnx.algorithms.sequential import sequential_layers
+from fptq_onnx.algorithms.smoothquant import smooth_scales
+from fptq_onnx.algorithms.weight_quant import check_weight_quantizer, quantize_equalized
+from fptq_onnx.calibration import Calibration
+from fptq_onnx.errors import FptqError
+from fptq_onnx.fakequant import fake_quant_per_token, fake_quant_static
+from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
+from fptq_onnx.quant import lae_scales, static_scale
+
+SUMMARY = "W4A8 accuracy-first: per group, equalization and static/per-token int8 chosen by measured output error"
+
+# Fractions of the calibrated range a static scale may cover; the error decides.
+STATIC_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+
+
+@dataclass(frozen=True)
+class Config:
+    group_size: int = 128
+    symmetric: bool = True
+    weights: str = "rtn"
+    max_dynamic: float = 1.0  # fraction of linears allowed per-token dynamic
+    alphas: str = "0.25,0.5,0.75"  # SmoothQuant candidates ('' = none)
+    awq: bool = True  # also try AWQ's searched scale
+    max_tokens: int = 2048  # calibration tokens per layer used for the error measurements
+
+    def validate(self) -> None:
+        check_group_size(self.group_size)
+        check_weight_quantizer(self.weights)
+        if not 0.0 <= self.max_dynamic <= 1.0:
+            raise FptqError(f"max_dynamic must be in [0, 1], got {self.max_dynamic}")
+        if self.max_tokens < 16:
+            raise FptqError(f"max_tokens must be at least 16, got {self.max_tokens}")
+        self.alpha_values()
+
+    def alpha_values(self) -> list[float]:
+        try:
+            values = [float(a) for a in self.alphas.split(",") if a.strip()]
+        except ValueError:
+            raise FptqError(f"alphas must be a comma list of numbers in (0, 1), got '{self.alphas}'") from None
+        if any(not 0 < a < 1 for a in values):
+            raise FptqError(f"alphas must lie in (0, 1), got '{self.alphas}'")
+        return values
+
+
+@dataclass
+class Choice:
+    """One measured (equalization, activation mode) candidate of a reader group."""
+
+    equalization: str  # 'none', 'lae', 'sq0.50', 'awq'
+    act_mode: ActMode
+    error: float  # relative output error with int8 activations and int4 RTN weights
+    weight_error: float  # the same with float activations (W4A16)
+    covered: float  # max |X/s| the static scale covers (per-token: the calibrated max)
+    scale: np.ndarray | None  # s per consumer input channel; None = no equalization
+    source_scale: np.ndarray | None = None  # s per producer channel when it differs (GQA)
+
+
+@dataclass
+class Group:
+    """Linears reading one input, where their s would fold, and the best choice per mode."""
+
+    names: list[str]
+    source: str
+    kind: str  # 'norm' or 'linear'
+    max_abs: float
+    best: dict[ActMode, Choice]
+
+
+class _Sampler:
+    """Keeps the calibration tokens selected by `keep` ([samples, seqlen] bool) of one linear's input."""
+
+    def __init__(self, keep: torch.Tensor) -> None:
+        self._keep = keep
+        self._seen = 0
+        self._rows: list[torch.Tensor] = []
+
+    def add(self, x: torch.Tensor) -> None:
+        mask = self._keep[self._seen : self._seen + x.shape[0]].reshape(-1)
+        self._seen += x.shape[0]
+        self._rows.append(x.detach().float().reshape(-1, x.shape[-1])[mask])
+
+    def tokens(self) -> torch.Tensor:
+        return torch.cat(self._rows)
+
+
+def _relative_error(y_ref: torch.Tensor, y: torch.Tensor, ref_energy: float) -> float:
+    return float((y - y_ref).pow(2).sum()) / ref_energy
+
+
+def _candidate_scales(x_max: np.ndarray, w: torch.Tensor, x: torch.Tensor, config: Config,
+                      tie: tuple[int, int] | None) -> dict[str, np.ndarray | None]:
+    """Equalizations to try, as s per consumer input channel (equal across tied heads)."""
+
+    def tied(v: np.ndarray) -> np.ndarray:
+        return v if tie is None else v.reshape(tie[0], tie[1], -1).max(axis=1).reshape(-1)
+
+    def untie(v: np.ndarray) -> np.ndarray:
+        return v if tie is None else expand_heads(v, tie[0] * tie[1], tie[0])
+
+    w_max = w.abs().amax(dim=1).numpy()
+    out: dict[str, np.ndarray | None] = {"none": None, "lae": untie(lae_scales(tied(x_max)))}
+    for alpha in config.alpha_values():
+        out[f"sq{alpha:.2f}"] = untie(smooth_scales(tied(x_max), tied(w_max), alpha))
+    if config.awq:
+        awq_cfg = AwqConfig(group_size=config.group_size, symmetric=config.symmetric)
+        xd = x.double()
+        s, _, _, _ = search_scale([w.double()], xd.T @ xd, xd.abs().mean(dim=0), awq_cfg, tie)
+        out["awq"] = s
+    return out
+
+
+def _measure(x: torch.Tensor, w: torch.Tensor, x_max: np.ndarray, candidates: dict[str, np.ndarray | None],
+             config: Config, tie) -> dict[ActMode, Choice]:
+    """The lowest-error candidate per activation mode on inputs x [T, K], weights w [K, N]."""
+    y_ref = x @ w
+    energy = max(float(y_ref.pow(2).sum()), 1e-30)
+    best: dict[ActMode, Choice] = {}
+    for label, s in candidates.items():
+        s_t = None if s is None else torch.from_numpy(s.astype(np.float32))
+        xs = x if s_t is None else x / s_t
+        ws = w if s_t is None else w * s_t[:, None]
+        wq = fake_quant(ws, config.group_size, config.symmetric, 4)
+        weight_error = _relative_error(y_ref, xs @ wq, energy)
+        full = float(x_max.max() if s is None else (x_max / s).max())
+        static = min(
+            (_relative_error(y_ref, fake_quant_static(xs, static_scale(full * r)) @ wq, energy), full * r)
+            for r in STATIC_CLIP_GRID
+        )
+        per_token = _relative_error(y_ref, fake_quant_per_token(xs) @ wq, energy)
+        source_scale = None if (s is None or tie is None) else s.reshape(tie[0], tie[1], -1)[:, 0, :].reshape(-1)
+        for mode, (err, covered) in ((ActMode.STATIC, static), (ActMode.PER_TOKEN, (per_token, full))):
+            if mode not in best or err < best[mode].error:
+                best[mode] = Choice(label, mode, err, weight_error, covered, s, source_scale)
+    return best
+
+
+def _choose(groups: list[Group], max_dynamic: float) -> dict[int, ActMode]:
+    """Lowest error per group; then static where dynamic exceeds the budget, cheapest losses first."""
+    mode = {i: min(g.best.values(), key=lambda c: c.error).act_mode for i, g in enumerate(groups)}
+    budget = int(max_dynamic * sum(len(g.names) for g in groups) + 1e-9)
+    dynamic = [i for i, m in mode.items() if m == ActMode.PER_TOKEN]
+    used = sum(len(groups[i].names) for i in dynamic)
+    loss = {i: groups[i].best[ActMode.STATIC].error - groups[i].best[ActMode.PER_TOKEN].error for i in dynamic}
+    for i in sorted(dynamic, key=loss.get):
+        if used <= budget:
+            break
+        mode[i] = ActMode.STATIC
+        used -= len(groups[i].names)
+    return mode
+
+
+def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
+    config.validate()
+    cfg = model.config
+    stats = calib.stats
+    samples, seqlen = calib.tokens.shape
+    batch_size = 4
+    groups: list[Group] = []
+
+    for step in sequential_layers(model, spec, calib.tokens, desc="auto policy", batch_size=batch_size):
+        p = step.prefix
+        keep = token_subsample(samples, seqlen, config.max_tokens, seed=3000 + step.index)
+        readers: list[tuple[list[str], str, str, tuple[int, int] | None]] = []
+        for group in spec.groups:
+            readers.append(([p + n for n in group.linears], p + group.norm, "norm", None))
+        for pair in spec.pairs:
+            consumer, producer = p + pair.consumer, p + pair.producer
+            tie = _pair_tie(pair, step.linears[consumer], step.linears[producer], cfg)
+            readers.append(([consumer], producer, "skip" if tie == "skip" else "linear", None if tie == "skip" else tie))
+
+        samplers = {names[0]: _Sampler(keep) for names, _, _, _ in readers}
+        handles = [step.linears[first].register_forward_pre_hook(lambda _m, a, sm=sm: sm.add(a[0]))
+                   for first, sm in samplers.items()]
+        try:
+            step.forward(keep=True)
+        finally:
+            for handle in handles:
+                handle.remove()
+        step.reuse_outputs = True
+
+        for names, source, kind, tie in readers:
+            x = samplers[names[0]].tokens()
+            w = torch.cat([step.linears[n].weight.detach().float().T for n in names], dim=1)
+            x_max = stats[names[0]].channel_max_np()
+            candidates = {"none": None} if kind == "skip" else _candidate_scales(x_max, w, x, config, tie)
+            groups.append(Group(names, source, kind, float(x_max.max()), _measure(x, w, x_max, candidates, config, tie)))
+        del samplers
+
+    modes = _choose(groups, config.max_dynamic)
+    plan = QuantPlan(method="auto", config=asdict(config), calibration=calib.describe())
+    for i, group in enumerate(groups):
+        choice = group.best[modes[i]]
+        other = group.best[ActMode.PER_TOKEN if modes[i] == ActMode.STATIC else ActMode.STATIC]
+        eq = None
+        if choice.scale is not None:
+            eq = Equalization(group.source, group.kind, group.names, choice.scale.astype(np.float32),
+                              choice.equalization, source_scale=choice.source_scale)
+            plan.equalizations.append(eq)
+        strategy = ("" if eq is None else choice.equalization + "+") + choice.act_mode.value
+        forced = " (static: dynamic budget)" if modes[i] != min(group.best.values(), key=lambda c: c.error).act_mode else ""
+        reason = (f"error {choice.error:.2e} ({choice.weight_error:.2e} with float activations); "
+                  f"best {other.act_mode.value}: {other.equalization} {other.error:.2e}{forced}")
+        for name in group.names:
+            scale = static_scale(choice.covered) if choice.act_mode == ActMode.STATIC else None
+            plan.linears[name] = LinearPlan(name, strategy, choice.act_mode, group.max_abs, choice.covered, scale,
+                                            equalized_by=eq.source if eq else None, reason=reason)
+    weights = quantize_equalized(model, spec, calib, plan.equalizations, config.group_size, config.symmetric,
+                                 config.weights)
+    for name, qw in weights.items():
+        plan.linears[name].weight = qw
+    return plan

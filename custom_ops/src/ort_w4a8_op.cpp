@@ -14,6 +14,9 @@
 
 #include "fptq/w4a8_contract.h"
 #include "w4a8_cpu.h"
+#if defined(FPTQ_HAVE_CUDA)
+#include "w4a8_cuda_op.h"  // the CUDAExecutionProvider entry of the same op
+#endif
 
 #define FPTQ_EXPORT extern "C" __attribute__((visibility("default")))
 
@@ -266,6 +269,9 @@ FPTQ_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options
     static Ort::CustomOpDomain* domain = [] {
       auto* d = new Ort::CustomOpDomain(fptq::kDomain);
       d->Add(&op);
+#if defined(FPTQ_HAVE_CUDA)
+      d->Add(fptq::W4A8CudaCustomOp());
+#endif
       return d;
     }();
     Ort::UnownedSessionOptions(options).Add(*domain);

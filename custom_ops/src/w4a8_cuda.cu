@@ -1,0 +1,587 @@
+// CUDA kernels of W4A8MatMul: int8 tensor cores (mma.sync m16n8k32 s8), 4-bit
+// weights unpacked in registers.  Layouts are described in w4a8_cuda.h.
+//
+// Orientation: the weights are the mma's A operand (16 output columns n per
+// m16 tile), the activations its B operand (8 tokens per n8 tile), so a decode
+// step with M <= 8 wastes nothing on padding rows of the weights.
+//
+// Integer inner loop: a weight byte pair-of-nibbles x (stored XOR 0x88) gives
+// two signed int8 operands with one AND (+ one shift): (x << 4) & 0xF0 = 16*(w-8)
+// and x & 0xF0 = 16*(w_hi-8).  The int32 accumulator therefore holds
+// 16 * sum q*(w-8); at each group end it is corrected for zero points
+// (+ 16*(8-zp)*sum q, only when zero points are given), converted to float and
+// multiplied by scale/16 (exact: powers of two), so the float result equals
+// the contract's s * isum per group.  For groups <= 128 the accumulator starts
+// at the bit pattern of 1.5*2^23, which makes int->float a single FADD instead
+// of the slow I2F (|16*isum| < 2^22 there).
+#include "w4a8_cuda.h"
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdio>
+
+namespace fptq {
+namespace gpu {
+
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kStages = 3;
+constexpr int kActRowBytes = 144;  // 128 + 16 pad: conflict-free 16-byte reads of 8 rows x 4 lanes
+constexpr int kStageW = 8 * 1024;
+constexpr int kStageA = 128 * kActRowBytes;
+constexpr int kPrefillSmem = kStages * (kStageW + kStageA);
+constexpr int kMagicI = 0x4B400000;  // bits of 12582912.0f = 1.5 * 2^23
+constexpr float kMagicF = 12582912.0f;
+
+__host__ __device__ inline int64_t RoundUp(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+std::string LastError(const char* what) {
+  cudaError_t e = cudaGetLastError();
+  if (e == cudaSuccess) return {};
+  return std::string("W4A8MatMul (CUDA): ") + what + ": " + cudaGetErrorString(e);
+}
+
+__device__ __forceinline__ void Mma(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                    uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ uint32_t Lo(uint32_t x) { return (x << 4) & 0xF0F0F0F0u; }
+__device__ __forceinline__ uint32_t Hi(uint32_t x) { return x & 0xF0F0F0F0u; }
+
+__device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, int src_bytes) {
+  uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes));
+}
+__device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void CpAsyncWait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+__device__ __forceinline__ uint4 LoadStream(const uint8_t* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+
+// ---------------------------------------------------------------- packing
+
+__global__ void PackWeightsKernel(Dims d, const uint8_t* __restrict__ B, uint8_t* __restrict__ Bp, int64_t total) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= total) return;
+  const int lane = idx & 31, h = (idx >> 5) & 1, tile = (idx >> 6) & 7;
+  const int64_t kb = (idx >> 9) % d.nkb, blk = (idx >> 9) / d.nkb;
+  const int g = lane >> 2, t = lane & 3;
+  const int64_t row_bytes = d.ng * (d.G / 2);
+  uint32_t out[4];
+#pragma unroll
+  for (int cc = 0; cc < 2; ++cc) {
+    const int c = 2 * h + cc;
+    const int64_t kk = kb * 128 + 32 * c + 8 * t;  // padded-group coordinate of 8 k's
+    const int64_t gi = kk / d.Gp, j0 = kk % d.Gp;
+#pragma unroll
+    for (int rr = 0; rr < 2; ++rr) {
+      const int64_t n = blk * 128 + tile * 16 + g + 8 * rr;
+      uint32_t word = 0x88888888u;  // weight 8 = zero after the XOR
+      if (n < d.N && gi < d.ng && j0 < d.G) {
+        const uint8_t* src = B + n * row_bytes + gi * (d.G / 2) + j0 / 2;
+        word = static_cast<uint32_t>(src[0]) | (static_cast<uint32_t>(src[1]) << 8) |
+               (static_cast<uint32_t>(src[2]) << 16) | (static_cast<uint32_t>(src[3]) << 24);
+      }
+      out[cc * 2 + rr] = word ^ 0x88888888u;
+    }
+  }
+  reinterpret_cast<uint4*>(Bp)[idx] = make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+__global__ void PackScalesKernel(Dims d, const float* __restrict__ scales, const uint8_t* __restrict__ zp,
+                                 float* __restrict__ sc16, int8_t* __restrict__ zc) {
+  const int64_t idx = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x;
+  if (idx >= d.ng * d.Np) return;
+  const int64_t gi = idx / d.Np, n = idx % d.Np;
+  const bool in = n < d.N;
+  sc16[idx] = in ? scales[n * d.ng + gi] * 0.0625f : 0.0f;
+  if (zc != nullptr) zc[idx] = (in && zp != nullptr) ? static_cast<int8_t>(8 - (zp[n * d.ng + gi] & 15)) : 0;
+}
+
+// ---------------------------------------------------------------- activations
+
+__global__ void QuantizeKernel(Dims d, const float* __restrict__ A, bool per_token, const float* __restrict__ act_scale,
+                               int8_t* __restrict__ qA, float* __restrict__ sa, int* __restrict__ qsum16) {
+  extern __shared__ int s_qsum[];
+  __shared__ float s_red[32];
+  const int64_t row = blockIdx.x;
+  const float* a = A + row * d.K;
+  const int tid = threadIdx.x;
+  float s;
+  if (per_token) {
+    float m = 0.0f;
+    for (int64_t k = tid; k < d.K; k += blockDim.x) m = fmaxf(m, fabsf(a[k]));
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if ((tid & 31) == 0) s_red[tid >> 5] = m;
+    __syncthreads();
+    if (tid < 32) {
+      m = tid < static_cast<int>(blockDim.x >> 5) ? s_red[tid] : 0.0f;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+      if (tid == 0) s_red[0] = m;
+    }
+    __syncthreads();
+    m = s_red[0];
+    s = (m == 0.0f) ? 1.0f : __fdiv_rn(m, 127.0f);
+  } else {
+    s = *act_scale;
+  }
+  const int lo = per_token ? -127 : -128;
+  if (qsum16 != nullptr) {
+    for (int64_t gi = tid; gi < d.ng; gi += blockDim.x) s_qsum[gi] = 0;
+    __syncthreads();
+  }
+  const int64_t nchunks = d.Kq / 8;
+  uint2* out = reinterpret_cast<uint2*>(qA + row * d.Kq);
+  for (int64_t p = tid; p < nchunks; p += blockDim.x) {
+    const int64_t kb = p >> 4;
+    const int r = p & 15, t = r >> 2, c = r & 3;
+    const int64_t kk = kb * 128 + 32 * c + 8 * t;
+    const int64_t gi = kk / d.Gp, j0 = kk % d.Gp;
+    uint32_t ev = 0, od = 0;
+    int sum = 0;
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int64_t j = j0 + e, k = gi * d.G + j;
+      int q = 0;
+      if (gi < d.ng && j < d.G && k < d.K) {
+        q = __float2int_rn(__fdiv_rn(a[k], s));
+        q = min(max(q, lo), 127);
+      }
+      sum += q;
+      const uint32_t b = static_cast<uint32_t>(q) & 0xFFu;
+      if (e & 1) {
+        od |= b << (8 * (e >> 1));
+      } else {
+        ev |= b << (8 * (e >> 1));
+      }
+    }
+    out[p] = make_uint2(ev, od);
+    if (qsum16 != nullptr && gi < d.ng && sum != 0) atomicAdd(&s_qsum[gi], sum);
+  }
+  if (tid == 0) sa[row] = s;
+  if (qsum16 != nullptr) {
+    __syncthreads();
+    for (int64_t gi = tid; gi < d.ng; gi += blockDim.x) qsum16[row * d.ng + gi] = 16 * s_qsum[gi];
+  }
+}
+
+// ---------------------------------------------------------------- decode (M <= 16)
+// Block: one tile of 16 weight columns, 8 warps splitting K (aligned to groups),
+// reduced through shared memory.  Weights streamed once, 4 k-blocks in flight per warp.
+
+template <int NTOK, bool ZP>
+__global__ void __launch_bounds__(kThreads) DecodeKernel(Dims d, int M, const int8_t* __restrict__ qA,
+                                                         const float* __restrict__ sa, const int* __restrict__ qsum16,
+                                                         Packed w, const float* __restrict__ bias,
+                                                         float* __restrict__ Y) {
+  __shared__ float red[8][16][16];
+  const int tile16 = blockIdx.x;
+  const int64_t blk = tile16 >> 3;
+  const int tin = tile16 & 7;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int64_t U = d.Gp > 128 ? d.Gp / 128 : 1;
+  const int64_t nu = d.nkb / U;
+  const int64_t kbA = (warp * nu / 8) * U, kbB = ((warp + 1) * nu / 8) * U;
+  const int64_t n0 = tile16 * 16 + g, n1 = n0 + 8;
+
+  int acc[NTOK][4];
+  float yf[NTOK][4];
+#pragma unroll
+  for (int j = 0; j < NTOK; ++j)
+#pragma unroll
+    for (int r = 0; r < 4; ++r) acc[j][r] = 0, yf[j][r] = 0.0f;
+
+  const uint8_t* wbase = w.Bp + ((blk * d.nkb) * 8 + tin) * 1024 + lane * 16;
+  auto flush = [&](int64_t gi) {
+    if (gi >= d.ng) return;
+    const float s0 = __ldg(w.sc16 + gi * d.Np + n0), s1 = __ldg(w.sc16 + gi * d.Np + n1);
+    int z0 = 0, z1 = 0;
+    if (ZP) z0 = __ldg(w.zc + gi * d.Np + n0), z1 = __ldg(w.zc + gi * d.Np + n1);
+#pragma unroll
+    for (int j = 0; j < NTOK; ++j) {
+      int qs0 = 0, qs1 = 0;
+      if (ZP) {
+        const int ta = j * 8 + 2 * t, tb = ta + 1;
+        qs0 = ta < M ? __ldg(qsum16 + ta * d.ng + gi) : 0;
+        qs1 = tb < M ? __ldg(qsum16 + tb * d.ng + gi) : 0;
+      }
+      yf[j][0] += s0 * static_cast<float>(acc[j][0] + z0 * qs0);
+      yf[j][1] += s0 * static_cast<float>(acc[j][1] + z0 * qs1);
+      yf[j][2] += s1 * static_cast<float>(acc[j][2] + z1 * qs0);
+      yf[j][3] += s1 * static_cast<float>(acc[j][3] + z1 * qs1);
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[j][r] = 0;
+    }
+  };
+
+  for (int64_t kb = kbA; kb < kbB; kb += 4) {
+    uint4 wv[4][2], av[4][NTOK][2];
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      const bool ok = kb + u < kbB;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wv[u][h] = ok ? LoadStream(wbase + (kb + u) * 8192 + h * 512) : make_uint4(0, 0, 0, 0);
+#pragma unroll
+      for (int j = 0; j < NTOK; ++j) {
+        const int tok = j * 8 + g;
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          av[u][j][h] = (ok && tok < M)
+                            ? __ldg(reinterpret_cast<const uint4*>(qA + tok * d.Kq + (kb + u) * 128 + t * 32 + h * 16))
+                            : make_uint4(0, 0, 0, 0);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < 4; ++u) {
+      if (kb + u >= kbB) break;
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+        const uint4& wq = wv[u][c >> 1];
+        const uint32_t xg = (c & 1) ? wq.z : wq.x, xg8 = (c & 1) ? wq.w : wq.y;
+        const uint32_t a0 = Lo(xg), a1 = Lo(xg8), a2 = Hi(xg), a3 = Hi(xg8);
+#pragma unroll
+        for (int j = 0; j < NTOK; ++j) {
+          const uint4& b = av[u][j][c >> 1];
+          Mma(acc[j], a0, a1, a2, a3, (c & 1) ? b.z : b.x, (c & 1) ? b.w : b.y);
+        }
+        const int64_t kend = (kb + u) * 128 + (c + 1) * 32;
+        if (kend % d.Gp == 0) flush((kend - 1) / d.Gp);
+      }
+    }
+  }
+  // (a warp's range always ends on a group boundary, so everything is flushed)
+#pragma unroll
+  for (int j = 0; j < NTOK; ++j) {
+    red[warp][g][j * 8 + 2 * t] = yf[j][0];
+    red[warp][g][j * 8 + 2 * t + 1] = yf[j][1];
+    red[warp][g + 8][j * 8 + 2 * t] = yf[j][2];
+    red[warp][g + 8][j * 8 + 2 * t + 1] = yf[j][3];
+  }
+  __syncthreads();
+  const int row = threadIdx.x & 15, tok = threadIdx.x >> 4;
+  const int64_t n = tile16 * 16 + row;
+  if (tok < M && tok < NTOK * 8 && n < d.N) {
+    float sum = 0.0f;
+#pragma unroll
+    for (int q = 0; q < 8; ++q) sum += red[q][row][tok];
+    Y[tok * d.N + n] = sa[tok] * sum + (bias != nullptr ? bias[n] : 0.0f);
+  }
+}
+
+// ---------------------------------------------------------------- prefill (large M)
+// Block tile: 128 weight columns x 128 tokens, k-blocks of 128 through a 3-stage
+// cp.async pipeline.  8 warps as 2 (columns) x 4 (tokens), warp tile 64 x 32:
+// 4 x 4 mma tiles, 64 int32 + 64 float accumulators per thread.  Optional
+// split-K over blockIdx.z (atomicAdd into a zeroed Y).
+
+template <bool ZP, bool MAGIC>
+__global__ void __launch_bounds__(kThreads, 1)
+    PrefillKernel(Dims d, int M, const int8_t* __restrict__ qA, const float* __restrict__ sa,
+                  const int* __restrict__ qsum16, Packed w, const float* __restrict__ bias, float* __restrict__ Y,
+                  int splits) {
+  extern __shared__ __align__(16) uint8_t smem[];
+  const int64_t blk = blockIdx.x;
+  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * 128;
+  const int z = blockIdx.z;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
+  const int wn = warp & 1, wm = warp >> 1;
+  const int64_t U = d.Gp > 128 ? d.Gp / 128 : 1;
+  const int64_t nu = d.nkb / U;
+  const int64_t kbA = (z * nu / splits) * U, kbB = ((z + 1) * nu / splits) * U;
+
+  int acc[4][4][4];
+  float yf[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int r = 0; r < 4; ++r) acc[i][j][r] = MAGIC ? kMagicI : 0, yf[i][j][r] = 0.0f;
+
+  const uint8_t* wsrc = w.Bp + blk * d.nkb * kStageW;
+  auto sW = [&](int st) { return smem + st * (kStageW + kStageA); };
+  auto sA = [&](int st) { return smem + st * (kStageW + kStageA) + kStageW; };
+  auto load_stage = [&](int st, int64_t kb) {
+    uint8_t* dw = sW(st);
+    const uint8_t* src = wsrc + kb * kStageW;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      const int idx = tid + kThreads * i;
+      CpAsync16(dw + idx * 16, src + idx * 16, 16);
+    }
+    uint8_t* da = sA(st);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int idx = tid + kThreads * i;
+      const int r = idx >> 3, ch = idx & 7;
+      const int64_t tok = m0 + r;
+      const int8_t* s = qA + (tok < M ? tok : 0) * d.Kq + kb * 128 + ch * 16;
+      CpAsync16(da + r * kActRowBytes + ch * 16, s, tok < M ? 16 : 0);
+    }
+  };
+
+  auto flush = [&](int64_t gi) {
+    if (gi >= d.ng) {
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+          for (int r = 0; r < 4; ++r) acc[i][j][r] = MAGIC ? kMagicI : 0;
+      return;
+    }
+    const float* sc = w.sc16 + gi * d.Np + blk * 128 + wn * 64 + g;
+    const int8_t* zr = ZP ? w.zc + gi * d.Np + blk * 128 + wn * 64 + g : nullptr;
+    int qs[4][2];
+    if (ZP) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+          int64_t tok = m0 + wm * 32 + j * 8 + 2 * t + e;
+          tok = tok < M ? tok : M - 1;
+          qs[j][e] = __ldg(qsum16 + tok * d.ng + gi);
+        }
+    }
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float s0 = __ldg(sc + i * 16), s1 = __ldg(sc + i * 16 + 8);
+      int z0 = 0, z1 = 0;
+      if (ZP) z0 = __ldg(zr + i * 16), z1 = __ldg(zr + i * 16 + 8);
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+#pragma unroll
+        for (int r = 0; r < 4; ++r) {
+          int v = acc[i][j][r];
+          if (ZP) v += (r < 2 ? z0 : z1) * qs[j][r & 1];
+          const float f = MAGIC ? (__int_as_float(v) - kMagicF) : static_cast<float>(v);
+          yf[i][j][r] = fmaf(r < 2 ? s0 : s1, f, yf[i][j][r]);
+          acc[i][j][r] = MAGIC ? kMagicI : 0;
+        }
+      }
+    }
+  };
+
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (kbA + s < kbB) load_stage(s, kbA + s);
+    CpAsyncCommit();
+  }
+  int it = 0;
+  for (int64_t kb = kbA; kb < kbB; ++kb, ++it) {
+    CpAsyncWait<kStages - 2>();
+    __syncthreads();
+    {
+      const int64_t nk = kb + kStages - 1;
+      if (nk < kbB) load_stage((it + kStages - 1) % kStages, nk);
+      CpAsyncCommit();
+    }
+    const int st = it % kStages;
+    const uint8_t* W = sW(st);
+    const uint8_t* Ab = sA(st);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      uint4 wa[4], bb[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        wa[i] = *reinterpret_cast<const uint4*>(W + (wn * 4 + i) * 1024 + h * 512 + lane * 16);
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+        bb[j] = *reinterpret_cast<const uint4*>(Ab + (wm * 32 + j * 8 + g) * kActRowBytes + t * 32 + h * 16);
+#pragma unroll
+      for (int cc = 0; cc < 2; ++cc) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          const uint32_t xg = cc ? wa[i].z : wa[i].x, xg8 = cc ? wa[i].w : wa[i].y;
+          const uint32_t a0 = Lo(xg), a1 = Lo(xg8), a2 = Hi(xg), a3 = Hi(xg8);
+#pragma unroll
+          for (int j = 0; j < 4; ++j) Mma(acc[i][j], a0, a1, a2, a3, cc ? bb[j].z : bb[j].x, cc ? bb[j].w : bb[j].y);
+        }
+        if (d.Gp < 128) {
+          const int c = 2 * h + cc;
+          if (((c + 1) * 32) % d.Gp == 0) flush((kb * 128 + c * 32) / d.Gp);
+        }
+      }
+    }
+    if (d.Gp >= 128 && ((kb + 1) * 128) % d.Gp == 0) flush((kb * 128) / d.Gp);
+  }
+  CpAsyncWait<0>();
+
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+#pragma unroll
+    for (int r = 0; r < 4; ++r) {
+      const int64_t n = blk * 128 + wn * 64 + i * 16 + g + (r < 2 ? 0 : 8);
+      if (n >= d.N) continue;
+      const float bv = (bias != nullptr && z == 0) ? __ldg(bias + n) : 0.0f;
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int64_t tok = m0 + wm * 32 + j * 8 + 2 * t + (r & 1);
+        if (tok >= M) continue;
+        const float v = __ldg(sa + tok) * yf[i][j][r] + bv;
+        if (splits > 1) {
+          atomicAdd(Y + tok * d.N + n, v);
+        } else {
+          Y[tok * d.N + n] = v;
+        }
+      }
+    }
+  }
+}
+
+template <bool ZP, bool MAGIC>
+std::string LaunchPrefill(const Problem& p, const int8_t* qA, const float* sa, const int* qsum16, void* stream) {
+  static bool attr_set = false;  // per instantiation; setting it twice is harmless
+  if (!attr_set) {
+    cudaFuncSetAttribute(PrefillKernel<ZP, MAGIC>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem);
+    attr_set = true;
+  }
+  const Dims& d = p.d;
+  const int64_t gx = d.Np / 128, gy = (p.M + 127) / 128;
+  const int64_t U = d.Gp > 128 ? d.Gp / 128 : 1;
+  const int64_t nu = d.nkb / U;
+  int splits = p.force_splits;
+  if (splits <= 0) {
+    const int64_t blocks = gx * gy;
+    const int sms = std::max(1, SmCount());
+    splits = blocks >= sms ? 1 : static_cast<int>(std::min<int64_t>((sms + blocks - 1) / blocks, 8));
+  }
+  splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, nu)));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (splits > 1) cudaMemsetAsync(p.Y, 0, static_cast<size_t>(p.M) * d.N * sizeof(float), s);
+  dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
+  PrefillKernel<ZP, MAGIC><<<grid, kThreads, kPrefillSmem, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16, p.w,
+                                                               p.bias, p.Y, splits);
+  return LastError("prefill kernel");
+}
+
+template <int NTOK, bool ZP>
+std::string LaunchDecode(const Problem& p, const int8_t* qA, const float* sa, const int* qsum16, void* stream) {
+  const Dims& d = p.d;
+  DecodeKernel<NTOK, ZP><<<static_cast<unsigned>(d.Np / 16), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      d, static_cast<int>(p.M), qA, sa, qsum16, p.w, p.bias, p.Y);
+  return LastError("decode kernel");
+}
+
+}  // namespace
+
+Dims MakeDims(const W4A8Attrs& a) {
+  Dims d;
+  d.K = a.K;
+  d.N = a.N;
+  d.G = a.group_size;
+  d.ng = a.n_groups();
+  d.Gp = std::max<int64_t>(a.group_size, 32);
+  d.Kq = RoundUp(d.ng * d.Gp, 128);
+  d.nkb = d.Kq / 128;
+  d.Np = RoundUp(d.N, 128);
+  return d;
+}
+
+std::string Supported(const W4A8Attrs& a) {
+  if (a.group_size > 65536) return "W4A8MatMul (CUDA): group_size > 65536 is not supported (int32 accumulator)";
+  if (a.n_groups() > 12288) return "W4A8MatMul (CUDA): more than 12288 groups per row is not supported";
+  return {};
+}
+
+size_t PackedWeightBytes(const Dims& d) { return static_cast<size_t>(d.Np) * d.Kq / 2; }
+size_t PackedScaleBytes(const Dims& d) { return static_cast<size_t>(d.ng) * d.Np * sizeof(float); }
+size_t PackedZpBytes(const Dims& d) { return static_cast<size_t>(d.ng) * d.Np; }
+
+std::string PackWeights(const Dims& d, const uint8_t* B, const float* scales, const uint8_t* zero_points,
+                        uint8_t* Bp, float* sc16, int8_t* zc, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  const int64_t total = d.Np / 128 * d.nkb * 512;
+  if (B != nullptr && Bp != nullptr)
+    PackWeightsKernel<<<static_cast<unsigned>((total + 255) / 256), 256, 0, s>>>(d, B, Bp, total);
+  if (scales != nullptr && sc16 != nullptr) {
+    const int64_t n = d.ng * d.Np;
+    PackScalesKernel<<<static_cast<unsigned>((n + 255) / 256), 256, 0, s>>>(d, scales, zero_points, sc16, zc);
+  }
+  return LastError("weight packing");
+}
+
+namespace {
+struct WsLayout {
+  size_t qA = 0, sa = 0, qsum = 0, total = 0;
+};
+WsLayout Layout(const Dims& d, int64_t M, bool has_zp) {
+  auto al = [](size_t x) { return (x + 255) / 256 * 256; };
+  WsLayout l;
+  l.qA = 0;
+  l.sa = al(static_cast<size_t>(M) * d.Kq);
+  l.qsum = l.sa + al(static_cast<size_t>(M) * sizeof(float));
+  l.total = l.qsum + (has_zp ? al(static_cast<size_t>(M) * d.ng * sizeof(int)) : 0);
+  return l;
+}
+}  // namespace
+
+size_t WorkspaceBytes(const Dims& d, int64_t M, bool has_zp) { return Layout(d, M, has_zp).total; }
+
+std::string CopyAsync(void* dst, const void* src, size_t bytes, void* stream) {
+  if (cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDefault, static_cast<cudaStream_t>(stream)) != cudaSuccess)
+    return LastError("copy");
+  return {};
+}
+
+std::string Synchronize(void* stream) {
+  if (cudaStreamSynchronize(static_cast<cudaStream_t>(stream)) != cudaSuccess) return LastError("synchronize");
+  return {};
+}
+
+int SmCount() {
+  static int cached = -1;
+  if (cached < 0) {
+    int dev = 0, n = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess || cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    cached = n;
+  }
+  return cached;
+}
+
+std::string Run(const Problem& p, void* stream) {
+  if (p.M <= 0) return {};
+  const Dims& d = p.d;
+  const bool zp = p.w.zc != nullptr;
+  WsLayout l = Layout(d, p.M, zp);
+  uint8_t* ws = static_cast<uint8_t*>(p.workspace);
+  int8_t* qA = reinterpret_cast<int8_t*>(ws + l.qA);
+  float* sa = reinterpret_cast<float*>(ws + l.sa);
+  int* qsum16 = zp ? reinterpret_cast<int*>(ws + l.qsum) : nullptr;
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  QuantizeKernel<<<static_cast<unsigned>(p.M), 256, zp ? static_cast<size_t>(d.ng) * sizeof(int) : 0, s>>>(
+      d, p.A, p.per_token, p.act_scale, qA, sa, qsum16);
+  std::string err = LastError("activation quantization");
+  if (!err.empty()) return err;
+  const bool decode = p.force_path == 1 || (p.force_path == 0 && p.M <= 16);
+  if (decode) {
+    if (p.M > 16) return "W4A8MatMul (CUDA): decode kernel needs M <= 16";
+    if (p.M <= 8) return zp ? LaunchDecode<1, true>(p, qA, sa, qsum16, stream) : LaunchDecode<1, false>(p, qA, sa, qsum16, stream);
+    return zp ? LaunchDecode<2, true>(p, qA, sa, qsum16, stream) : LaunchDecode<2, false>(p, qA, sa, qsum16, stream);
+  }
+  const bool magic = d.Gp <= 128;
+  if (zp) return magic ? LaunchPrefill<true, true>(p, qA, sa, qsum16, stream) : LaunchPrefill<true, false>(p, qA, sa, qsum16, stream);
+  return magic ? LaunchPrefill<false, true>(p, qA, sa, qsum16, stream) : LaunchPrefill<false, false>(p, qA, sa, qsum16, stream);
+}
+
+}  // namespace gpu
+}  // namespace fptq

@@ -27,7 +27,7 @@ namespace gpu {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kStages = 3;
+constexpr int kStages = 4;
 constexpr int kActRowBytes = 144;  // 128 + 16 pad: conflict-free 16-byte reads of 8 rows x 4 lanes
 constexpr int kStageW = 8 * 1024;
 constexpr int kStageA = 128 * kActRowBytes;
@@ -45,7 +45,7 @@ std::string LastError(const char* what) {
 
 __device__ __forceinline__ void Mma(int (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
                                     uint32_t b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
       : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
@@ -61,12 +61,12 @@ __device__ __forceinline__ void CpAsync16(void* smem, const void* gmem, int src_
 __device__ __forceinline__ void CpAsyncCommit() { asm volatile("cp.async.commit_group;\n" ::); }
 template <int N>
 __device__ __forceinline__ void CpAsyncWait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 __device__ __forceinline__ uint4 LoadStream(const uint8_t* p) {
   uint4 v;
-  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];\n"
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
@@ -114,23 +114,45 @@ __global__ void PackScalesKernel(Dims d, const float* __restrict__ scales, const
 
 // ---------------------------------------------------------------- activations
 
-__global__ void QuantizeKernel(Dims d, const float* __restrict__ A, bool per_token, const float* __restrict__ act_scale,
-                               int8_t* __restrict__ qA, float* __restrict__ sa, int* __restrict__ qsum16) {
+// One block per row.  Pass 1: max |a| (per_token), 16-byte loads, unrolled;
+// pass 2: each thread quantizes 8-k chunks (two 16-byte loads when aligned) and
+// writes them in kernel order.
+constexpr int kQuantThreads = 512;
+
+__global__ void __launch_bounds__(kQuantThreads)
+    QuantizeKernel(Dims d, const float* __restrict__ A, bool per_token, const float* __restrict__ act_scale,
+                   int8_t* __restrict__ qA, float* __restrict__ sa, int* __restrict__ qsum16) {
   extern __shared__ int s_qsum[];
   __shared__ float s_red[32];
+  const int K = static_cast<int>(d.K), G = static_cast<int>(d.G), Gp = static_cast<int>(d.Gp);
+  const int ng = static_cast<int>(d.ng);
   const int64_t row = blockIdx.x;
   const float* a = A + row * d.K;
   const int tid = threadIdx.x;
+  const bool vec = (K % 4) == 0;  // rows 16-byte aligned
   float s;
   if (per_token) {
-    float m = 0.0f;
-    for (int64_t k = tid; k < d.K; k += blockDim.x) m = fmaxf(m, fabsf(a[k]));
+    float m0 = 0.0f, m1 = 0.0f;
+    if (vec) {
+      const float4* a4 = reinterpret_cast<const float4*>(a);
+      const int n4 = K / 4;
+#pragma unroll 4
+      for (int i = tid; i < n4; i += kQuantThreads) {
+        const float4 v = __ldg(a4 + i);
+        m0 = fmaxf(m0, fmaxf(fabsf(v.x), fabsf(v.y)));
+        m1 = fmaxf(m1, fmaxf(fabsf(v.z), fabsf(v.w)));
+      }
+    } else {
+#pragma unroll 4
+      for (int k = tid; k < K; k += kQuantThreads) m0 = fmaxf(m0, fabsf(__ldg(a + k)));
+    }
+    float m = fmaxf(m0, m1);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
     if ((tid & 31) == 0) s_red[tid >> 5] = m;
     __syncthreads();
     if (tid < 32) {
-      m = tid < static_cast<int>(blockDim.x >> 5) ? s_red[tid] : 0.0f;
+      m = tid < kQuantThreads / 32 ? s_red[tid] : 0.0f;
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
       if (tid == 0) s_red[0] = m;
@@ -139,30 +161,36 @@ __global__ void QuantizeKernel(Dims d, const float* __restrict__ A, bool per_tok
     m = s_red[0];
     s = (m == 0.0f) ? 1.0f : __fdiv_rn(m, 127.0f);
   } else {
-    s = *act_scale;
+    s = __ldg(act_scale);
   }
   const int lo = per_token ? -127 : -128;
   if (qsum16 != nullptr) {
-    for (int64_t gi = tid; gi < d.ng; gi += blockDim.x) s_qsum[gi] = 0;
+    for (int gi = tid; gi < ng; gi += kQuantThreads) s_qsum[gi] = 0;
     __syncthreads();
   }
-  const int64_t nchunks = d.Kq / 8;
+  const int nchunks = static_cast<int>(d.Kq / 8);
   uint2* out = reinterpret_cast<uint2*>(qA + row * d.Kq);
-  for (int64_t p = tid; p < nchunks; p += blockDim.x) {
-    const int64_t kb = p >> 4;
-    const int r = p & 15, t = r >> 2, c = r & 3;
-    const int64_t kk = kb * 128 + 32 * c + 8 * t;
-    const int64_t gi = kk / d.Gp, j0 = kk % d.Gp;
+#pragma unroll 2
+  for (int p = tid; p < nchunks; p += kQuantThreads) {
+    const int kb = p >> 4, r = p & 15, t = r >> 2, c = r & 3;
+    const int kk = kb * 128 + 32 * c + 8 * t;
+    const int gi = kk / Gp, j0 = kk - gi * Gp;
+    const int k0 = gi * G + j0;
+    float x[8];
+    if (vec && gi < ng && j0 + 8 <= G && k0 + 8 <= K) {
+      const float4 v0 = __ldg(reinterpret_cast<const float4*>(a + k0));
+      const float4 v1 = __ldg(reinterpret_cast<const float4*>(a + k0 + 4));
+      x[0] = v0.x, x[1] = v0.y, x[2] = v0.z, x[3] = v0.w, x[4] = v1.x, x[5] = v1.y, x[6] = v1.z, x[7] = v1.w;
+    } else {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) x[e] = (gi < ng && j0 + e < G && k0 + e < K) ? __ldg(a + k0 + e) : 0.0f;
+    }
     uint32_t ev = 0, od = 0;
     int sum = 0;
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
-      const int64_t j = j0 + e, k = gi * d.G + j;
-      int q = 0;
-      if (gi < d.ng && j < d.G && k < d.K) {
-        q = __float2int_rn(__fdiv_rn(a[k], s));
-        q = min(max(q, lo), 127);
-      }
+      int q = __float2int_rn(__fdiv_rn(x[e], s));
+      q = min(max(q, lo), 127);
       sum += q;
       const uint32_t b = static_cast<uint32_t>(q) & 0xFFu;
       if (e & 1) {
@@ -172,12 +200,12 @@ __global__ void QuantizeKernel(Dims d, const float* __restrict__ A, bool per_tok
       }
     }
     out[p] = make_uint2(ev, od);
-    if (qsum16 != nullptr && gi < d.ng && sum != 0) atomicAdd(&s_qsum[gi], sum);
+    if (qsum16 != nullptr && gi < ng && sum != 0) atomicAdd(&s_qsum[gi], sum);
   }
   if (tid == 0) sa[row] = s;
   if (qsum16 != nullptr) {
     __syncthreads();
-    for (int64_t gi = tid; gi < d.ng; gi += blockDim.x) qsum16[row * d.ng + gi] = 16 * s_qsum[gi];
+    for (int gi = tid; gi < ng; gi += kQuantThreads) qsum16[row * ng + gi] = 16 * s_qsum[gi];
   }
 }
 
@@ -185,20 +213,21 @@ __global__ void QuantizeKernel(Dims d, const float* __restrict__ A, bool per_tok
 // Block: one tile of 16 weight columns, 8 warps splitting K (aligned to groups),
 // reduced through shared memory.  Weights streamed once, 4 k-blocks in flight per warp.
 
-template <int NTOK, bool ZP>
-__global__ void __launch_bounds__(kThreads) DecodeKernel(Dims d, int M, const int8_t* __restrict__ qA,
-                                                         const float* __restrict__ sa, const int* __restrict__ qsum16,
-                                                         Packed w, const float* __restrict__ bias,
-                                                         float* __restrict__ Y) {
+template <int NTOK, bool ZP, bool SMALLG>
+__global__ void __launch_bounds__(kThreads, 2) DecodeKernel(Dims d, int M, const int8_t* __restrict__ qA,
+                                                            const float* __restrict__ sa,
+                                                            const int* __restrict__ qsum16, Packed w,
+                                                            const float* __restrict__ bias, float* __restrict__ Y) {
   __shared__ float red[8][16][16];
   const int tile16 = blockIdx.x;
-  const int64_t blk = tile16 >> 3;
-  const int tin = tile16 & 7;
+  const int blk = tile16 >> 3, tin = tile16 & 7;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int64_t U = d.Gp > 128 ? d.Gp / 128 : 1;
-  const int64_t nu = d.nkb / U;
-  const int64_t kbA = (warp * nu / 8) * U, kbB = ((warp + 1) * nu / 8) * U;
-  const int64_t n0 = tile16 * 16 + g, n1 = n0 + 8;
+  const int nkb = static_cast<int>(d.nkb), Gp = static_cast<int>(d.Gp), Np = static_cast<int>(d.Np);
+  const int ng = static_cast<int>(d.ng), Kq = static_cast<int>(d.Kq);
+  const int U = SMALLG ? 1 : Gp / 128;  // k-blocks per group
+  const int nu = nkb / U;
+  const int kbA = (warp * nu / 8) * U, kbB = ((warp + 1) * nu / 8) * U;
+  const int n0 = tile16 * 16 + g, n1 = n0 + 8;
 
   int acc[NTOK][4];
   float yf[NTOK][4];
@@ -207,19 +236,15 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(Dims d, int M, const in
 #pragma unroll
     for (int r = 0; r < 4; ++r) acc[j][r] = 0, yf[j][r] = 0.0f;
 
-  const uint8_t* wbase = w.Bp + ((blk * d.nkb) * 8 + tin) * 1024 + lane * 16;
-  auto flush = [&](int64_t gi) {
-    if (gi >= d.ng) return;
-    const float s0 = __ldg(w.sc16 + gi * d.Np + n0), s1 = __ldg(w.sc16 + gi * d.Np + n1);
-    int z0 = 0, z1 = 0;
-    if (ZP) z0 = __ldg(w.zc + gi * d.Np + n0), z1 = __ldg(w.zc + gi * d.Np + n1);
+  const uint8_t* wbase = w.Bp + (static_cast<int64_t>(blk) * nkb * 8 + tin) * 1024 + lane * 16;
+  auto flush = [&](int gi, float s0, float s1, int z0, int z1) {
 #pragma unroll
     for (int j = 0; j < NTOK; ++j) {
       int qs0 = 0, qs1 = 0;
       if (ZP) {
         const int ta = j * 8 + 2 * t, tb = ta + 1;
-        qs0 = ta < M ? __ldg(qsum16 + ta * d.ng + gi) : 0;
-        qs1 = tb < M ? __ldg(qsum16 + tb * d.ng + gi) : 0;
+        qs0 = ta < M ? __ldg(qsum16 + ta * ng + gi) : 0;
+        qs1 = tb < M ? __ldg(qsum16 + tb * ng + gi) : 0;
       }
       yf[j][0] += s0 * static_cast<float>(acc[j][0] + z0 * qs0);
       yf[j][1] += s0 * static_cast<float>(acc[j][1] + z0 * qs1);
@@ -230,25 +255,34 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(Dims d, int M, const in
     }
   };
 
-  for (int64_t kb = kbA; kb < kbB; kb += 4) {
-    uint4 wv[4][2], av[4][NTOK][2];
+  constexpr int KB = NTOK == 1 ? 4 : 2;  // k-blocks in flight per warp
+  for (int kb = kbA; kb < kbB; kb += KB) {
+    uint4 wv[KB][2], av[KB][NTOK][2];
+    float s0[KB], s1[KB];
+    int z0[KB], z1[KB];
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < KB; ++u) {
       const bool ok = kb + u < kbB;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) wv[u][h] = ok ? LoadStream(wbase + (kb + u) * 8192 + h * 512) : make_uint4(0, 0, 0, 0);
+      for (int h = 0; h < 2; ++h)
+        wv[u][h] = ok ? LoadStream(wbase + static_cast<int64_t>(kb + u) * 8192 + h * 512) : make_uint4(0, 0, 0, 0);
 #pragma unroll
       for (int j = 0; j < NTOK; ++j) {
         const int tok = j * 8 + g;
 #pragma unroll
         for (int h = 0; h < 2; ++h)
-          av[u][j][h] = (ok && tok < M)
-                            ? __ldg(reinterpret_cast<const uint4*>(qA + tok * d.Kq + (kb + u) * 128 + t * 32 + h * 16))
-                            : make_uint4(0, 0, 0, 0);
+          av[u][j][h] = (ok && tok < M) ? __ldg(reinterpret_cast<const uint4*>(qA + static_cast<int64_t>(tok) * Kq +
+                                                                              (kb + u) * 128 + t * 32 + h * 16))
+                                        : make_uint4(0, 0, 0, 0);
+      }
+      if (!SMALLG) {  // this k-block's group: prefetch its scales with the weights
+        const int gi = ok ? (kb + u) / U : 0;
+        s0[u] = __ldg(w.sc16 + gi * Np + n0), s1[u] = __ldg(w.sc16 + gi * Np + n1);
+        z0[u] = ZP ? __ldg(w.zc + gi * Np + n0) : 0, z1[u] = ZP ? __ldg(w.zc + gi * Np + n1) : 0;
       }
     }
 #pragma unroll
-    for (int u = 0; u < 4; ++u) {
+    for (int u = 0; u < KB; ++u) {
       if (kb + u >= kbB) break;
 #pragma unroll
       for (int c = 0; c < 4; ++c) {
@@ -260,9 +294,23 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(Dims d, int M, const in
           const uint4& b = av[u][j][c >> 1];
           Mma(acc[j], a0, a1, a2, a3, (c & 1) ? b.z : b.x, (c & 1) ? b.w : b.y);
         }
-        const int64_t kend = (kb + u) * 128 + (c + 1) * 32;
-        if (kend % d.Gp == 0) flush((kend - 1) / d.Gp);
+        if (SMALLG) {
+          const int kend = (kb + u) * 128 + (c + 1) * 32;
+          if (kend % Gp == 0) {
+            const int gi = (kend - 1) / Gp;
+            if (gi < ng) {
+              flush(gi, __ldg(w.sc16 + gi * Np + n0), __ldg(w.sc16 + gi * Np + n1),
+                    ZP ? __ldg(w.zc + gi * Np + n0) : 0, ZP ? __ldg(w.zc + gi * Np + n1) : 0);
+            } else {
+#pragma unroll
+              for (int j = 0; j < NTOK; ++j)
+#pragma unroll
+                for (int r = 0; r < 4; ++r) acc[j][r] = 0;
+            }
+          }
+        }
       }
+      if (!SMALLG && ((kb + u + 1) % U) == 0) flush((kb + u) / U, s0[u], s1[u], z0[u], z1[u]);
     }
   }
   // (a warp's range always ends on a group boundary, so everything is flushed)
@@ -275,12 +323,12 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(Dims d, int M, const in
   }
   __syncthreads();
   const int row = threadIdx.x & 15, tok = threadIdx.x >> 4;
-  const int64_t n = tile16 * 16 + row;
+  const int n = tile16 * 16 + row;
   if (tok < M && tok < NTOK * 8 && n < d.N) {
     float sum = 0.0f;
 #pragma unroll
     for (int q = 0; q < 8; ++q) sum += red[q][row][tok];
-    Y[tok * d.N + n] = sa[tok] * sum + (bias != nullptr ? bias[n] : 0.0f);
+    Y[static_cast<int64_t>(tok) * d.N + n] = sa[tok] * sum + (bias != nullptr ? bias[n] : 0.0f);
   }
 }
 
@@ -290,20 +338,24 @@ __global__ void __launch_bounds__(kThreads) DecodeKernel(Dims d, int M, const in
 // 4 x 4 mma tiles, 64 int32 + 64 float accumulators per thread.  Optional
 // split-K over blockIdx.z (atomicAdd into a zeroed Y).
 
-template <bool ZP, bool MAGIC>
+template <bool ZP, bool MAGIC, bool SMALLG>
 __global__ void __launch_bounds__(kThreads, 1)
     PrefillKernel(Dims d, int M, const int8_t* __restrict__ qA, const float* __restrict__ sa,
                   const int* __restrict__ qsum16, Packed w, const float* __restrict__ bias, float* __restrict__ Y,
                   int splits) {
   extern __shared__ __align__(16) uint8_t smem[];
-  const int64_t blk = blockIdx.x;
-  const int64_t m0 = static_cast<int64_t>(blockIdx.y) * 128;
+  const int blk = blockIdx.x;
+  const int m0 = blockIdx.y * 128;
   const int z = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
   const int wn = warp & 1, wm = warp >> 1;
-  const int64_t U = d.Gp > 128 ? d.Gp / 128 : 1;
-  const int64_t nu = d.nkb / U;
-  const int64_t kbA = (z * nu / splits) * U, kbB = ((z + 1) * nu / splits) * U;
+  const int nkb = static_cast<int>(d.nkb), Gp = static_cast<int>(d.Gp), Np = static_cast<int>(d.Np);
+  const int ng = static_cast<int>(d.ng), Kq = static_cast<int>(d.Kq);
+  const int U = SMALLG ? 1 : Gp / 128;  // k-blocks per group
+  const int nu = nkb / U;
+  const int kbA = (z * nu / splits) * U, kbB = ((z + 1) * nu / splits) * U;
+  const int ncol = blk * 128 + wn * 64 + g;   // + 16 i (+ 8)
+  const int tok0 = m0 + wm * 32 + 2 * t;      // + 8 j (+ 1)
 
   int acc[4][4][4];
   float yf[4][4][4];
@@ -314,12 +366,12 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = MAGIC ? kMagicI : 0, yf[i][j][r] = 0.0f;
 
-  const uint8_t* wsrc = w.Bp + blk * d.nkb * kStageW;
+  const uint8_t* wsrc = w.Bp + static_cast<int64_t>(blk) * nkb * kStageW;
   auto sW = [&](int st) { return smem + st * (kStageW + kStageA); };
   auto sA = [&](int st) { return smem + st * (kStageW + kStageA) + kStageW; };
-  auto load_stage = [&](int st, int64_t kb) {
+  auto load_stage = [&](int st, int kb) {
     uint8_t* dw = sW(st);
-    const uint8_t* src = wsrc + kb * kStageW;
+    const uint8_t* src = wsrc + static_cast<int64_t>(kb) * kStageW;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
       const int idx = tid + kThreads * i;
@@ -330,52 +382,54 @@ __global__ void __launch_bounds__(kThreads, 1)
     for (int i = 0; i < 4; ++i) {
       const int idx = tid + kThreads * i;
       const int r = idx >> 3, ch = idx & 7;
-      const int64_t tok = m0 + r;
-      const int8_t* s = qA + (tok < M ? tok : 0) * d.Kq + kb * 128 + ch * 16;
-      CpAsync16(da + r * kActRowBytes + ch * 16, s, tok < M ? 16 : 0);
+      const int tok = m0 + r;
+      const int8_t* src_a = qA + static_cast<int64_t>(tok < M ? tok : 0) * Kq + kb * 128 + ch * 16;
+      CpAsync16(da + r * kActRowBytes + ch * 16, src_a, tok < M ? 16 : 0);
     }
   };
 
-  auto flush = [&](int64_t gi) {
-    if (gi >= d.ng) {
+  // per-group quantization parameters of this thread's rows/tokens (prefetched for large groups)
+  float sc[4][2];
+  int zz[4][2], qs[4][2];
+  auto load_q = [&](int gi) {
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < 4; ++i)
 #pragma unroll
-        for (int j = 0; j < 4; ++j)
-#pragma unroll
-          for (int r = 0; r < 4; ++r) acc[i][j][r] = MAGIC ? kMagicI : 0;
-      return;
-    }
-    const float* sc = w.sc16 + gi * d.Np + blk * 128 + wn * 64 + g;
-    const int8_t* zr = ZP ? w.zc + gi * d.Np + blk * 128 + wn * 64 + g : nullptr;
-    int qs[4][2];
+      for (int r = 0; r < 2; ++r) {
+        sc[i][r] = __ldg(w.sc16 + gi * Np + ncol + i * 16 + r * 8);
+        if (ZP) zz[i][r] = __ldg(w.zc + gi * Np + ncol + i * 16 + r * 8);
+      }
     if (ZP) {
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          int64_t tok = m0 + wm * 32 + j * 8 + 2 * t + e;
-          tok = tok < M ? tok : M - 1;
-          qs[j][e] = __ldg(qsum16 + tok * d.ng + gi);
+          const int tok = min(tok0 + 8 * j + e, M - 1);
+          qs[j][e] = __ldg(qsum16 + tok * ng + gi);
         }
     }
+  };
+  auto apply = [&]() {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
-      const float s0 = __ldg(sc + i * 16), s1 = __ldg(sc + i * 16 + 8);
-      int z0 = 0, z1 = 0;
-      if (ZP) z0 = __ldg(zr + i * 16), z1 = __ldg(zr + i * 16 + 8);
+    for (int i = 0; i < 4; ++i)
 #pragma unroll
-      for (int j = 0; j < 4; ++j) {
+      for (int j = 0; j < 4; ++j)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           int v = acc[i][j][r];
-          if (ZP) v += (r < 2 ? z0 : z1) * qs[j][r & 1];
+          if (ZP) v += zz[i][r >> 1] * qs[j][r & 1];
           const float f = MAGIC ? (__int_as_float(v) - kMagicF) : static_cast<float>(v);
-          yf[i][j][r] = fmaf(r < 2 ? s0 : s1, f, yf[i][j][r]);
+          yf[i][j][r] = fmaf(sc[i][r >> 1], f, yf[i][j][r]);
           acc[i][j][r] = MAGIC ? kMagicI : 0;
         }
-      }
-    }
+  };
+  auto reset = [&]() {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+      for (int j = 0; j < 4; ++j)
+#pragma unroll
+        for (int r = 0; r < 4; ++r) acc[i][j][r] = MAGIC ? kMagicI : 0;
   };
 
 #pragma unroll
@@ -383,16 +437,13 @@ __global__ void __launch_bounds__(kThreads, 1)
     if (kbA + s < kbB) load_stage(s, kbA + s);
     CpAsyncCommit();
   }
-  int it = 0;
-  for (int64_t kb = kbA; kb < kbB; ++kb, ++it) {
+  int st = 0, st_load = kStages - 1;
+  for (int kb = kbA; kb < kbB; ++kb) {
     CpAsyncWait<kStages - 2>();
     __syncthreads();
-    {
-      const int64_t nk = kb + kStages - 1;
-      if (nk < kbB) load_stage((it + kStages - 1) % kStages, nk);
-      CpAsyncCommit();
-    }
-    const int st = it % kStages;
+    if (kb + kStages - 1 < kbB) load_stage(st_load, kb + kStages - 1);
+    CpAsyncCommit();
+    if (!SMALLG && (kb % U) == 0) load_q(kb / U);  // consumed at the group's last k-block
     const uint8_t* W = sW(st);
     const uint8_t* Ab = sA(st);
 #pragma unroll
@@ -413,13 +464,23 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
           for (int j = 0; j < 4; ++j) Mma(acc[i][j], a0, a1, a2, a3, cc ? bb[j].z : bb[j].x, cc ? bb[j].w : bb[j].y);
         }
-        if (d.Gp < 128) {
+        if (SMALLG) {
           const int c = 2 * h + cc;
-          if (((c + 1) * 32) % d.Gp == 0) flush((kb * 128 + c * 32) / d.Gp);
+          if (((c + 1) * 32) % Gp == 0) {
+            const int gi = (kb * 128 + c * 32) / Gp;
+            if (gi < ng) {
+              load_q(gi);
+              apply();
+            } else {
+              reset();
+            }
+          }
         }
       }
     }
-    if (d.Gp >= 128 && ((kb + 1) * 128) % d.Gp == 0) flush((kb * 128) / d.Gp);
+    if (!SMALLG && ((kb + 1) % U) == 0) apply();
+    st = (st + 1 == kStages) ? 0 : st + 1;
+    st_load = (st_load + 1 == kStages) ? 0 : st_load + 1;
   }
   CpAsyncWait<0>();
 
@@ -427,29 +488,30 @@ __global__ void __launch_bounds__(kThreads, 1)
   for (int i = 0; i < 4; ++i) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
-      const int64_t n = blk * 128 + wn * 64 + i * 16 + g + (r < 2 ? 0 : 8);
+      const int n = ncol + i * 16 + (r < 2 ? 0 : 8);
       if (n >= d.N) continue;
       const float bv = (bias != nullptr && z == 0) ? __ldg(bias + n) : 0.0f;
 #pragma unroll
       for (int j = 0; j < 4; ++j) {
-        const int64_t tok = m0 + wm * 32 + j * 8 + 2 * t + (r & 1);
+        const int tok = tok0 + j * 8 + (r & 1);
         if (tok >= M) continue;
         const float v = __ldg(sa + tok) * yf[i][j][r] + bv;
+        float* dst = Y + static_cast<int64_t>(tok) * d.N + n;
         if (splits > 1) {
-          atomicAdd(Y + tok * d.N + n, v);
+          atomicAdd(dst, v);
         } else {
-          Y[tok * d.N + n] = v;
+          *dst = v;
         }
       }
     }
   }
 }
 
-template <bool ZP, bool MAGIC>
+template <bool ZP, bool MAGIC, bool SMALLG>
 std::string LaunchPrefill(const Problem& p, const int8_t* qA, const float* sa, const int* qsum16, void* stream) {
   static bool attr_set = false;  // per instantiation; setting it twice is harmless
   if (!attr_set) {
-    cudaFuncSetAttribute(PrefillKernel<ZP, MAGIC>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem);
+    cudaFuncSetAttribute(PrefillKernel<ZP, MAGIC, SMALLG>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem);
     attr_set = true;
   }
   const Dims& d = p.d;
@@ -466,16 +528,21 @@ std::string LaunchPrefill(const Problem& p, const int8_t* qA, const float* sa, c
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (splits > 1) cudaMemsetAsync(p.Y, 0, static_cast<size_t>(p.M) * d.N * sizeof(float), s);
   dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
-  PrefillKernel<ZP, MAGIC><<<grid, kThreads, kPrefillSmem, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16, p.w,
-                                                               p.bias, p.Y, splits);
+  PrefillKernel<ZP, MAGIC, SMALLG><<<grid, kThreads, kPrefillSmem, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16,
+                                                                       p.w, p.bias, p.Y, splits);
   return LastError("prefill kernel");
 }
 
 template <int NTOK, bool ZP>
 std::string LaunchDecode(const Problem& p, const int8_t* qA, const float* sa, const int* qsum16, void* stream) {
   const Dims& d = p.d;
-  DecodeKernel<NTOK, ZP><<<static_cast<unsigned>(d.Np / 16), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
-      d, static_cast<int>(p.M), qA, sa, qsum16, p.w, p.bias, p.Y);
+  const dim3 grid(static_cast<unsigned>(d.Np / 16));
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (d.Gp < 128) {
+    DecodeKernel<NTOK, ZP, true><<<grid, kThreads, 0, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16, p.w, p.bias, p.Y);
+  } else {
+    DecodeKernel<NTOK, ZP, false><<<grid, kThreads, 0, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16, p.w, p.bias, p.Y);
+  }
   return LastError("decode kernel");
 }
 
@@ -568,19 +635,27 @@ std::string Run(const Problem& p, void* stream) {
   float* sa = reinterpret_cast<float*>(ws + l.sa);
   int* qsum16 = zp ? reinterpret_cast<int*>(ws + l.qsum) : nullptr;
   cudaStream_t s = static_cast<cudaStream_t>(stream);
-  QuantizeKernel<<<static_cast<unsigned>(p.M), 256, zp ? static_cast<size_t>(d.ng) * sizeof(int) : 0, s>>>(
+  QuantizeKernel<<<static_cast<unsigned>(p.M), kQuantThreads, zp ? static_cast<size_t>(d.ng) * sizeof(int) : 0, s>>>(
       d, p.A, p.per_token, p.act_scale, qA, sa, qsum16);
   std::string err = LastError("activation quantization");
   if (!err.empty()) return err;
+  if (p.force_path == 3) return {};  // activation quantization only (benchmark breakdown)
   const bool decode = p.force_path == 1 || (p.force_path == 0 && p.M <= 16);
   if (decode) {
     if (p.M > 16) return "W4A8MatMul (CUDA): decode kernel needs M <= 16";
     if (p.M <= 8) return zp ? LaunchDecode<1, true>(p, qA, sa, qsum16, stream) : LaunchDecode<1, false>(p, qA, sa, qsum16, stream);
     return zp ? LaunchDecode<2, true>(p, qA, sa, qsum16, stream) : LaunchDecode<2, false>(p, qA, sa, qsum16, stream);
   }
-  const bool magic = d.Gp <= 128;
-  if (zp) return magic ? LaunchPrefill<true, true>(p, qA, sa, qsum16, stream) : LaunchPrefill<true, false>(p, qA, sa, qsum16, stream);
-  return magic ? LaunchPrefill<false, true>(p, qA, sa, qsum16, stream) : LaunchPrefill<false, false>(p, qA, sa, qsum16, stream);
+  if (d.Gp < 128) {
+    return zp ? LaunchPrefill<true, true, true>(p, qA, sa, qsum16, stream)
+              : LaunchPrefill<false, true, true>(p, qA, sa, qsum16, stream);
+  }
+  if (d.Gp == 128) {
+    return zp ? LaunchPrefill<true, true, false>(p, qA, sa, qsum16, stream)
+              : LaunchPrefill<false, true, false>(p, qA, sa, qsum16, stream);
+  }
+  return zp ? LaunchPrefill<true, false, false>(p, qA, sa, qsum16, stream)
+            : LaunchPrefill<false, false, false>(p, qA, sa, qsum16, stream);
 }
 
 }  // namespace gpu

@@ -1,0 +1,280 @@
+"""fptq::W4A8MatMul on CUDAExecutionProvider against the numpy reference and the CPU op.
+
+Needs a CUDA GPU, onnxruntime-gpu and a libfptq_ops.so built with CUDA (marked `gpu`;
+CI deselects them with -m "not gpu").  Every session sets
+session.disable_cpu_ep_fallback=1, so a W4A8MatMul node that did not land on the
+GPU fails the session instead of silently running on the CPU.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import zlib
+
+import numpy as np
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ort = pytest.importorskip("onnxruntime")
+
+from fptq_onnx import custom_ops  # noqa: E402
+from fptq_onnx.errors import FptqError  # noqa: E402
+
+pytestmark = pytest.mark.gpu
+
+try:
+    LIB = custom_ops.library_path()
+except FptqError as e:  # pragma: no cover
+    pytest.skip(f"libfptq_ops.so not built: {e}", allow_module_level=True)
+if not hasattr(ctypes.CDLL(str(LIB)), "fptq_cuda_compiled"):
+    pytest.skip("libfptq_ops.so was built without CUDA", allow_module_level=True)
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    pytest.skip("onnxruntime has no CUDAExecutionProvider", allow_module_level=True)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def make_weights(rng, K, N, G, with_zp, exact=True):
+    ng = -(-K // G)
+    q = rng.integers(0, 16, size=(K, N), dtype=np.uint8)
+    if exact:  # powers of two: every float operation is exact, results must match bit for bit
+        scales = (2.0 ** -rng.integers(5, 8, size=(ng, N))).astype(np.float32)
+    else:
+        scales = rng.uniform(0.001, 0.05, size=(ng, N)).astype(np.float32)
+    zp = rng.integers(0, 16, size=(ng, N), dtype=np.uint8) if with_zp else np.full((ng, N), 8, np.uint8)
+    return custom_ops.pack_weights(q, scales, zp, G)
+
+
+def make_model(K, N, G, act_mode, B, scales, zp=None, act_scale=None, bias=None, a_rank=2, weights_as_inputs=False):
+    inputs = [helper.make_tensor_value_info("A", TensorProto.FLOAT, [f"d{i}" for i in range(a_rank - 1)] + [K])]
+    inits, names = [], ["A"]
+    for name, arr in (("B", B), ("scales", scales), ("zero_points", zp), ("act_scale", act_scale), ("bias", bias)):
+        if arr is None:
+            names.append("")
+            continue
+        names.append(name)
+        arr = np.asarray(arr)
+        if weights_as_inputs and name in ("B", "scales", "zero_points"):
+            inputs.append(helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+        else:
+            inits.append(numpy_helper.from_array(arr, name))
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node("W4A8MatMul", names, ["Y"], domain="fptq", K=K, N=N, group_size=G, act_mode=act_mode)
+    graph = helper.make_graph([node], "g", inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+                              initializer=inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("fptq", 1)],
+                             ir_version=10)
+
+
+def cuda_session(model):
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    so.log_severity_level = 3
+    custom_ops.register(so)
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    return ort.InferenceSession(data, so, providers=[("CUDAExecutionProvider", {"use_tf32": "0"})])
+
+
+def cpu_session(model):
+    so = ort.SessionOptions()
+    custom_ops.register(so)
+    data = model if isinstance(model, (bytes, str)) else model.SerializeToString()
+    return ort.InferenceSession(data, so, providers=["CPUExecutionProvider"])
+
+
+def make_activations(rng, shape, act_mode, exact=True):
+    a = (rng.standard_normal(shape) * 6).astype(np.float32)
+    if exact and act_mode == "per_token" and a.size:
+        flat = a.reshape(-1, shape[-1])
+        flat[:] = np.clip(flat, -15, 15)
+        flat[:, rng.integers(0, shape[-1])] = 127 / 8  # s_a = 1/8 exactly
+        a = flat.reshape(shape)
+    return a
+
+
+@pytest.fixture
+def cuda_path(request, monkeypatch):
+    """Force the decode or the prefill kernel (read when the session creates the kernel)."""
+    name = getattr(request, "param", None)
+    if name is None:
+        monkeypatch.delenv("FPTQ_OPS_CUDA_PATH", raising=False)
+    else:
+        monkeypatch.setenv("FPTQ_OPS_CUDA_PATH", name)
+    return name
+
+
+SHAPES = [  # (K, N, G)
+    (576, 40, 128),  # ragged last group (4.5 groups)
+    (100, 24, 32),  # ragged, groups of 32
+    (70, 16, 32),  # ragged, odd number of groups
+    (256, 13, 64),  # N not a multiple of 16
+    (512, 9, 256),  # groups span two k-blocks
+    (80, 11, 16),  # group 16 (padded to 32 on the GPU), ragged
+    (1000, 300, 128),
+    (2112, 200, 1024),  # 2 groups + ragged
+]
+MS = [1, 5, 16, 17, 128, 1000]
+
+
+# ---------------------------------------------------------------- correctness
+
+
+@pytest.mark.parametrize("K,N,G", SHAPES)
+@pytest.mark.parametrize("act_mode", ["static", "per_token"])
+def test_matches_reference_exactly(K, N, G, act_mode, cuda_path):
+    """Power-of-two scales: every float op is exact, so the GPU must equal the reference bit for bit."""
+    rng = np.random.default_rng(zlib.crc32(repr((K, N, G, act_mode)).encode()))
+    for variant in range(4):
+        with_zp, with_bias = bool(variant & 1), bool(variant & 2)
+        B, s, zp = make_weights(rng, K, N, G, with_zp)
+        bias = (rng.integers(-64, 64, size=N) / 16).astype(np.float32) if with_bias else None
+        act_scale = np.array(0.125, np.float32) if act_mode == "static" else None
+        sess = cuda_session(make_model(K, N, G, act_mode, B, s, zp, act_scale, bias))
+        for M in MS:
+            a = make_activations(rng, (M, K), act_mode)
+            (y,) = sess.run(None, {"A": a})
+            ref = custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, act_mode)
+            assert y.shape == (M, N)
+            np.testing.assert_array_equal(y, ref, err_msg=f"M={M} zp={with_zp} bias={with_bias}")
+
+
+@pytest.mark.parametrize("cuda_path", ["decode", "prefill"], indirect=True)
+@pytest.mark.parametrize("K,N,G", [(576, 40, 128), (100, 24, 32), (80, 11, 16), (512, 9, 256)])
+def test_both_kernels_small_m(K, N, G, cuda_path):
+    """M <= 16 through the decode kernel and through the prefill kernel (split-K)."""
+    rng = np.random.default_rng(3)
+    B, s, zp = make_weights(rng, K, N, G, with_zp=True)
+    bias = (rng.integers(-64, 64, size=N) / 16).astype(np.float32)
+    act_scale = np.array([0.125], np.float32)
+    sess = cuda_session(make_model(K, N, G, "static", B, s, zp, act_scale, bias))
+    for M in (1, 2, 7, 8, 9, 16):
+        a = make_activations(rng, (M, K), "static")
+        (y,) = sess.run(None, {"A": a})
+        np.testing.assert_array_equal(y, custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, "static"))
+
+
+@pytest.mark.parametrize("act_mode", ["static", "per_token"])
+def test_general_scales_match_cpu_op(act_mode):
+    """Arbitrary float scales / activations: GPU equals the CPU op up to float32 summation order."""
+    rng = np.random.default_rng(11)
+    K, N, G = 4096 + 64, 512, 128
+    B, s, zp = make_weights(rng, K, N, G, with_zp=True, exact=False)
+    bias = rng.standard_normal(N).astype(np.float32)
+    act_scale = np.array(0.05, np.float32) if act_mode == "static" else None
+    model = make_model(K, N, G, act_mode, B, s, zp, act_scale, bias, a_rank=3)
+    gpu, cpu = cuda_session(model), cpu_session(model)
+    for lead in ((1, 1), (1, 5), (2, 64), (1, 1000)):
+        a = (rng.standard_normal(lead + (K,)) * 2).astype(np.float32)
+        (yg,) = gpu.run(None, {"A": a})
+        (yc,) = cpu.run(None, {"A": a})
+        ref = custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, act_mode)
+        scale = np.abs(ref).max()
+        assert np.abs(yg - ref).max() <= 1e-5 * scale, lead
+        assert np.abs(yg - yc).max() <= 1e-5 * scale, lead
+
+
+def test_weights_as_graph_inputs():
+    """B / scales / zero points that are not initializers are re-packed on the GPU every call."""
+    rng = np.random.default_rng(5)
+    K, N, G = 320, 72, 64
+    sess = None
+    for _ in range(2):
+        B, s, zp = make_weights(rng, K, N, G, with_zp=True)
+        act_scale = np.array(0.125, np.float32)
+        if sess is None:
+            sess = cuda_session(make_model(K, N, G, "static", B, s, zp, act_scale, weights_as_inputs=True))
+        for M in (1, 33):
+            a = make_activations(rng, (M, K), "static")
+            (y,) = sess.run(None, {"A": a, "B": B, "scales": s, "zero_points": zp})
+            np.testing.assert_array_equal(y, custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, None, K, N, G, "static"))
+
+
+@pytest.mark.parametrize("G", [16, 128, 1024])
+@pytest.mark.parametrize("w_nibble,zp_value", [(15, 0), (0, 15), (15, 8)])
+@pytest.mark.parametrize("a_value", [-1e4, 1e4])
+@pytest.mark.parametrize("act_mode", ["static", "per_token"])
+def test_extreme_values(G, w_nibble, zp_value, a_value, act_mode):
+    """Largest |products| (q = -128 / 127, nibbles 0 / 15): no overflow, exact magic-number conversion."""
+    K, N, ng = 2 * G, 24, 2
+    B = np.full((N, ng, G // 2), w_nibble * 0x11, np.uint8)
+    s = np.full((N, ng), 2.0**-10, np.float32)
+    zp = np.full((N, ng), zp_value, np.uint8)
+    act_scale = np.array(1.0, np.float32) if act_mode == "static" else None
+    sess = cuda_session(make_model(K, N, G, act_mode, B, s, zp, act_scale))
+    for M in (3, 40):
+        a = np.full((M, K), a_value, np.float32)
+        (y,) = sess.run(None, {"A": a})
+        np.testing.assert_array_equal(y, custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, None, K, N, G, act_mode))
+
+
+def test_empty_and_leading_dims():
+    rng = np.random.default_rng(9)
+    K, N, G = 256, 32, 128
+    B, s, zp = make_weights(rng, K, N, G, with_zp=False)
+    sess = cuda_session(make_model(K, N, G, "per_token", B, s, a_rank=3))
+    for lead in ((0, 4), (2, 3), (3, 40)):
+        a = make_activations(rng, lead + (K,), "per_token")
+        (y,) = sess.run(None, {"A": a})
+        assert y.shape == lead + (N,)
+        np.testing.assert_array_equal(y, custom_ops.reference_w4a8_matmul(a, B, s, zp, None, None, K, N, G, "per_token"))
+
+
+def test_io_binding_on_device_no_fallback():
+    """Inputs and outputs bound in GPU memory: the node runs on the GPU end to end."""
+    rng = np.random.default_rng(13)
+    K, N, G = 512, 256, 128
+    B, s, zp = make_weights(rng, K, N, G, with_zp=True)
+    act_scale = np.array(0.125, np.float32)
+    sess = cuda_session(make_model(K, N, G, "static", B, s, zp, act_scale))
+    a = make_activations(rng, (64, K), "static")
+    a_dev = ort.OrtValue.ortvalue_from_numpy(a, "cuda", 0)
+    y_dev = ort.OrtValue.ortvalue_from_shape_and_type([64, N], np.float32, "cuda", 0)
+    io = sess.io_binding()
+    io.bind_ortvalue_input("A", a_dev)
+    io.bind_ortvalue_output("Y", y_dev)
+    sess.run_with_iobinding(io)
+    np.testing.assert_array_equal(y_dev.numpy(), custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, None, K, N, G, "static"))
+
+
+# ---------------------------------------------------------------- a whole deploy model
+
+
+def _deploy_model_path():
+    p = os.environ.get("FPTQ_W4A8_MODEL")
+    return p if p and os.path.isfile(p) else None
+
+
+@pytest.mark.skipif(_deploy_model_path() is None, reason="set FPTQ_W4A8_MODEL to a w4a8 deploy model (.w4a8.onnx)")
+def test_deploy_model_logits_cuda_vs_cpu():
+    """The converted w4a8 model: every W4A8MatMul on the GPU (no CPU fallback), logits equal CPU within noise."""
+    import onnx
+
+    path = _deploy_model_path()
+    proto = onnx.load(path, load_external_data=False)
+    n_ops = sum(n.op_type == "W4A8MatMul" for n in proto.graph.node)
+    assert n_ops > 0
+    gpu, cpu = cuda_session(path), cpu_session(path)
+    rng = np.random.default_rng(0)
+    feeds = {}
+    T = 12
+    for inp in gpu.get_inputs():
+        if inp.name == "input_ids":
+            feeds[inp.name] = rng.integers(0, 64, size=(1, T), dtype=np.int64)
+        elif inp.name == "attention_mask":
+            feeds[inp.name] = np.ones((1, T), np.int64)
+        elif inp.name == "position_ids":
+            feeds[inp.name] = np.arange(T, dtype=np.int64)[None]
+        else:  # empty past key/values
+            shape = [1 if isinstance(d, str) and "batch" in d else (0 if isinstance(d, str) else d) for d in inp.shape]
+            feeds[inp.name] = np.zeros(shape, np.float32)
+    outs = [o.name for o in gpu.get_outputs()]
+    lg = gpu.run(outs, feeds)[0]
+    lc = cpu.run(outs, feeds)[0]
+    # The ops agree to float rounding; rounding differences elsewhere (attention, norms) can flip
+    # an activation's int8 rounding, so compare against the logits' scale, and the argmax.
+    scale = np.abs(lc).max()
+    assert np.abs(lg - lc).max() <= 2e-2 * scale
+    assert (lg.argmax(-1) == lc.argmax(-1)).mean() >= 0.9

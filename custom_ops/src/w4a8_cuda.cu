@@ -20,6 +20,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <cstdlib>
 
 namespace fptq {
 namespace gpu {
@@ -70,6 +71,20 @@ __device__ __forceinline__ uint4 LoadStream(const uint8_t* p) {
                : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
                : "l"(p));
   return v;
+}
+
+// Programmatic dependent launch (Hopper): the decode kernel starts streaming its
+// weights while the quantization kernel still runs, and waits for it only
+// before reading the activations.  No-ops below sm_90.
+__device__ __forceinline__ void GridDepWait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void GridDepLaunchDependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
 }
 
 // ---------------------------------------------------------------- packing
@@ -124,6 +139,7 @@ __global__ void __launch_bounds__(kQuantThreads)
                    int8_t* __restrict__ qA, float* __restrict__ sa, int* __restrict__ qsum16) {
   extern __shared__ int s_qsum[];
   __shared__ float s_red[32];
+  GridDepLaunchDependents();
   const int K = static_cast<int>(d.K), G = static_cast<int>(d.G), Gp = static_cast<int>(d.Gp);
   const int ng = static_cast<int>(d.ng);
   const int64_t row = blockIdx.x;
@@ -266,6 +282,16 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(Dims d, int M, const
 #pragma unroll
       for (int h = 0; h < 2; ++h)
         wv[u][h] = ok ? LoadStream(wbase + static_cast<int64_t>(kb + u) * 8192 + h * 512) : make_uint4(0, 0, 0, 0);
+      if (!SMALLG) {  // this k-block's group: prefetch its scales with the weights
+        const int gi = ok ? (kb + u) / U : 0;
+        s0[u] = __ldg(w.sc16 + gi * Np + n0), s1[u] = __ldg(w.sc16 + gi * Np + n1);
+        z0[u] = ZP ? __ldg(w.zc + gi * Np + n0) : 0, z1[u] = ZP ? __ldg(w.zc + gi * Np + n1) : 0;
+      }
+    }
+    GridDepWait();  // activations are written by the quantization kernel
+#pragma unroll
+    for (int u = 0; u < KB; ++u) {
+      const bool ok = kb + u < kbB;
 #pragma unroll
       for (int j = 0; j < NTOK; ++j) {
         const int tok = j * 8 + g;
@@ -274,11 +300,6 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(Dims d, int M, const
           av[u][j][h] = (ok && tok < M) ? __ldg(reinterpret_cast<const uint4*>(qA + static_cast<int64_t>(tok) * Kq +
                                                                               (kb + u) * 128 + t * 32 + h * 16))
                                         : make_uint4(0, 0, 0, 0);
-      }
-      if (!SMALLG) {  // this k-block's group: prefetch its scales with the weights
-        const int gi = ok ? (kb + u) / U : 0;
-        s0[u] = __ldg(w.sc16 + gi * Np + n0), s1[u] = __ldg(w.sc16 + gi * Np + n1);
-        z0[u] = ZP ? __ldg(w.zc + gi * Np + n0) : 0, z1[u] = ZP ? __ldg(w.zc + gi * Np + n1) : 0;
       }
     }
 #pragma unroll
@@ -314,6 +335,7 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(Dims d, int M, const
     }
   }
   // (a warp's range always ends on a group boundary, so everything is flushed)
+  GridDepWait();
 #pragma unroll
   for (int j = 0; j < NTOK; ++j) {
     red[warp][g][j * 8 + 2 * t] = yf[j][0];
@@ -533,15 +555,40 @@ std::string LaunchPrefill(const Problem& p, const int8_t* qA, const float* sa, c
   return LastError("prefill kernel");
 }
 
+// PDL needs compute capability >= 9.0; FPTQ_OPS_CUDA_PDL=0 turns it off.
+bool UsePdl() {
+  static int use = -1;
+  if (use < 0) {
+    int dev = 0, major = 0;
+    const char* e = std::getenv("FPTQ_OPS_CUDA_PDL");
+    use = (cudaGetDevice(&dev) == cudaSuccess &&
+           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major >= 9 &&
+           !(e != nullptr && e[0] == '0'))
+              ? 1
+              : 0;
+    cudaGetLastError();
+  }
+  return use == 1;
+}
+
 template <int NTOK, bool ZP>
 std::string LaunchDecode(const Problem& p, const int8_t* qA, const float* sa, const int* qsum16, void* stream) {
   const Dims& d = p.d;
-  const dim3 grid(static_cast<unsigned>(d.Np / 16));
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(static_cast<unsigned>(d.Np / 16));
+  cfg.blockDim = dim3(kThreads);
+  cfg.dynamicSmemBytes = 0;
+  cfg.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = UsePdl() ? 1 : 0;
+  const int M = static_cast<int>(p.M);
   if (d.Gp < 128) {
-    DecodeKernel<NTOK, ZP, true><<<grid, kThreads, 0, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16, p.w, p.bias, p.Y);
+    cudaLaunchKernelEx(&cfg, DecodeKernel<NTOK, ZP, true>, d, M, qA, sa, qsum16, p.w, p.bias, p.Y);
   } else {
-    DecodeKernel<NTOK, ZP, false><<<grid, kThreads, 0, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16, p.w, p.bias, p.Y);
+    cudaLaunchKernelEx(&cfg, DecodeKernel<NTOK, ZP, false>, d, M, qA, sa, qsum16, p.w, p.bias, p.Y);
   }
   return LastError("decode kernel");
 }

@@ -247,19 +247,52 @@ def _deploy_model_path():
     return p if p and os.path.isfile(p) else None
 
 
+def _providers_from_profile(sess, op_type="W4A8MatMul"):
+    """{node name: provider} of the nodes of `op_type`, from ORT's profile of the runs so far."""
+    import json
+
+    prof = sess.end_profiling()
+    with open(prof) as f:
+        events = json.load(f)
+    os.unlink(prof)
+    out = {}
+    for ev in events:
+        args = ev.get("args", {})
+        if ev.get("cat") == "Node" and args.get("op_name") == op_type:
+            out[ev["name"].rsplit("_kernel_time", 1)[0]] = args.get("provider")
+    return out
+
+
 @pytest.mark.skipif(_deploy_model_path() is None, reason="set FPTQ_W4A8_MODEL to a w4a8 deploy model (.w4a8.onnx)")
 def test_deploy_model_logits_cuda_vs_cpu():
-    """The converted w4a8 model: every W4A8MatMul on the GPU (no CPU fallback), logits equal CPU within noise."""
+    """The converted w4a8 model: every W4A8MatMul on the GPU, logits equal CPU within noise.
+
+    With session.disable_cpu_ep_fallback=1 when ONNX Runtime accepts it for the whole graph;
+    ORT keeps some shape arithmetic on the CPU on purpose, so if that makes the session fail, the
+    placement of every W4A8MatMul node is read from ORT's profile instead.
+    """
     import onnx
 
     path = _deploy_model_path()
     proto = onnx.load(path, load_external_data=False)
     n_ops = sum(n.op_type == "W4A8MatMul" for n in proto.graph.node)
     assert n_ops > 0
-    gpu, cpu = cuda_session(path), cpu_session(path)
+    try:
+        gpu = cuda_session(path)
+        strict = True
+    except Exception as e:  # noqa: BLE001
+        print(f"disable_cpu_ep_fallback=1 refused: {str(e)[:300]}")
+        so = ort.SessionOptions()
+        so.enable_profiling = True
+        so.log_severity_level = 3
+        custom_ops.register(so)
+        gpu = ort.InferenceSession(path, so, providers=[("CUDAExecutionProvider", {"use_tf32": "0"}),
+                                                         "CPUExecutionProvider"])
+        strict = False
+    cpu = cpu_session(path)
     rng = np.random.default_rng(0)
-    feeds = {}
     T = 12
+    feeds = {}
     for inp in gpu.get_inputs():
         if inp.name == "input_ids":
             feeds[inp.name] = rng.integers(0, 64, size=(1, T), dtype=np.int64)
@@ -273,6 +306,12 @@ def test_deploy_model_logits_cuda_vs_cpu():
     outs = [o.name for o in gpu.get_outputs()]
     lg = gpu.run(outs, feeds)[0]
     lc = cpu.run(outs, feeds)[0]
+    if not strict:
+        placed = _providers_from_profile(gpu)
+        assert len(placed) == n_ops, placed
+        assert set(placed.values()) == {"CUDAExecutionProvider"}, placed
+    print(f"strict={strict} W4A8MatMul nodes={n_ops} max|dlogits|={np.abs(lg - lc).max():.3e} "
+          f"max|logits|={np.abs(lc).max():.3e} argmax agree={(lg.argmax(-1) == lc.argmax(-1)).mean():.3f}")
     # The ops agree to float rounding; rounding differences elsewhere (attention, norms) can flip
     # an activation's int8 rounding, so compare against the logits' scale, and the argmax.
     scale = np.abs(lc).max()

@@ -29,10 +29,10 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kStages = 4;
+constexpr int kAutoMI = 2;  // prefill warp tile: 2 (32 x 32, 2 blocks/SM) or 4 (64 x 32, 1 block/SM)
 constexpr int kActRowBytes = 144;  // 128 + 16 pad: conflict-free 16-byte reads of 8 rows x 4 lanes
 constexpr int kStageW = 8 * 1024;
-constexpr int kStageA = 128 * kActRowBytes;
-constexpr int kPrefillSmem = kStages * (kStageW + kStageA);
+constexpr int PrefillSmem(int bm) { return kStages * (kStageW + bm * kActRowBytes); }
 constexpr int kMagicI = 0x4B400000;  // bits of 12582912.0f = 1.5 * 2^23
 constexpr float kMagicF = 12582912.0f;
 
@@ -360,37 +360,40 @@ __global__ void __launch_bounds__(kThreads, 2) DecodeKernel(Dims d, int M, const
 // 4 x 4 mma tiles, 64 int32 + 64 float accumulators per thread.  Optional
 // split-K over blockIdx.z (atomicAdd into a zeroed Y).
 
-template <bool ZP, bool MAGIC, bool SMALLG>
-__global__ void __launch_bounds__(kThreads, 1)
+template <int MI, bool ZP, bool MAGIC, bool SMALLG>
+__global__ void __launch_bounds__(kThreads, MI == 4 ? 1 : 2)
     PrefillKernel(Dims d, int M, const int8_t* __restrict__ qA, const float* __restrict__ sa,
                   const int* __restrict__ qsum16, Packed w, const float* __restrict__ bias, float* __restrict__ Y,
                   int splits) {
   extern __shared__ __align__(16) uint8_t smem[];
   const int blk = blockIdx.x;
-  const int m0 = blockIdx.y * 128;
+  // warp tile: MI m16 tiles (16 MI weight columns) x 32 tokens; WN x WM warps; block 128 x BM
+  constexpr int WN = 128 / (16 * MI), BM = 32 * (8 / WN);
+  const int m0 = blockIdx.y * BM;
   const int z = blockIdx.z;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, t = lane & 3;
-  const int wn = warp & 1, wm = warp >> 1;
+  const int wn = warp % WN, wm = warp / WN;
   const int nkb = static_cast<int>(d.nkb), Gp = static_cast<int>(d.Gp), Np = static_cast<int>(d.Np);
   const int ng = static_cast<int>(d.ng), Kq = static_cast<int>(d.Kq);
   const int U = SMALLG ? 1 : Gp / 128;  // k-blocks per group
   const int nu = nkb / U;
   const int kbA = (z * nu / splits) * U, kbB = ((z + 1) * nu / splits) * U;
-  const int ncol = blk * 128 + wn * 64 + g;   // + 16 i (+ 8)
+  const int ncol = blk * 128 + wn * 16 * MI + g;  // + 16 i (+ 8)
   const int tok0 = m0 + wm * 32 + 2 * t;      // + 8 j (+ 1)
 
-  int acc[4][4][4];
-  float yf[4][4][4];
+  int acc[MI][4][4];
+  float yf[MI][4][4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i)
+  for (int i = 0; i < MI; ++i)
 #pragma unroll
     for (int j = 0; j < 4; ++j)
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[i][j][r] = MAGIC ? kMagicI : 0, yf[i][j][r] = 0.0f;
 
   const uint8_t* wsrc = w.Bp + static_cast<int64_t>(blk) * nkb * kStageW;
-  auto sW = [&](int st) { return smem + st * (kStageW + kStageA); };
-  auto sA = [&](int st) { return smem + st * (kStageW + kStageA) + kStageW; };
+  constexpr int kStage = kStageW + BM * kActRowBytes;
+  auto sW = [&](int st) { return smem + st * kStage; };
+  auto sA = [&](int st) { return smem + st * kStage + kStageW; };
   auto load_stage = [&](int st, int kb) {
     uint8_t* dw = sW(st);
     const uint8_t* src = wsrc + static_cast<int64_t>(kb) * kStageW;
@@ -401,7 +404,7 @@ __global__ void __launch_bounds__(kThreads, 1)
     }
     uint8_t* da = sA(st);
 #pragma unroll
-    for (int i = 0; i < 4; ++i) {
+    for (int i = 0; i < MI; ++i) {
       const int idx = tid + kThreads * i;
       const int r = idx >> 3, ch = idx & 7;
       const int tok = m0 + r;
@@ -411,11 +414,11 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
 
   // per-group quantization parameters of this thread's rows/tokens (prefetched for large groups)
-  float sc[4][2];
-  int zz[4][2], qs[4][2];
+  float sc[MI][2];
+  int zz[MI][2], qs[4][2];
   auto load_q = [&](int gi) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         sc[i][r] = __ldg(w.sc16 + gi * Np + ncol + i * 16 + r * 8);
@@ -433,7 +436,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   auto apply = [&]() {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -447,7 +450,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   };
   auto reset = [&]() {
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+    for (int i = 0; i < MI; ++i)
 #pragma unroll
       for (int j = 0; j < 4; ++j)
 #pragma unroll
@@ -470,17 +473,17 @@ __global__ void __launch_bounds__(kThreads, 1)
     const uint8_t* Ab = sA(st);
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
-      uint4 wa[4], bb[4];
+      uint4 wa[MI], bb[4];
 #pragma unroll
-      for (int i = 0; i < 4; ++i)
-        wa[i] = *reinterpret_cast<const uint4*>(W + (wn * 4 + i) * 1024 + h * 512 + lane * 16);
+      for (int i = 0; i < MI; ++i)
+        wa[i] = *reinterpret_cast<const uint4*>(W + (wn * MI + i) * 1024 + h * 512 + lane * 16);
 #pragma unroll
       for (int j = 0; j < 4; ++j)
         bb[j] = *reinterpret_cast<const uint4*>(Ab + (wm * 32 + j * 8 + g) * kActRowBytes + t * 32 + h * 16);
 #pragma unroll
       for (int cc = 0; cc < 2; ++cc) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < MI; ++i) {
           const uint32_t xg = cc ? wa[i].z : wa[i].x, xg8 = cc ? wa[i].w : wa[i].y;
           const uint32_t a0 = Lo(xg), a1 = Lo(xg8), a2 = Hi(xg), a3 = Hi(xg8);
 #pragma unroll
@@ -507,7 +510,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   CpAsyncWait<0>();
 
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
+  for (int i = 0; i < MI; ++i) {
 #pragma unroll
     for (int r = 0; r < 4; ++r) {
       const int n = ncol + i * 16 + (r < 2 ? 0 : 8);
@@ -529,30 +532,48 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
 }
 
-template <bool ZP, bool MAGIC, bool SMALLG>
+template <int MI, bool ZP, bool MAGIC, bool SMALLG>
 std::string LaunchPrefill(const Problem& p, const int8_t* qA, const float* sa, const int* qsum16, void* stream) {
+  constexpr int BM = 32 * (8 / (128 / (16 * MI)));
+  constexpr int smem = PrefillSmem(BM);
   static bool attr_set = false;  // per instantiation; setting it twice is harmless
   if (!attr_set) {
-    cudaFuncSetAttribute(PrefillKernel<ZP, MAGIC, SMALLG>, cudaFuncAttributeMaxDynamicSharedMemorySize, kPrefillSmem);
+    cudaFuncSetAttribute(PrefillKernel<MI, ZP, MAGIC, SMALLG>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     attr_set = true;
   }
   const Dims& d = p.d;
-  const int64_t gx = d.Np / 128, gy = (p.M + 127) / 128;
+  const int64_t gx = d.Np / 128, gy = (p.M + BM - 1) / BM;
   const int64_t U = d.Gp > 128 ? d.Gp / 128 : 1;
   const int64_t nu = d.nkb / U;
   int splits = p.force_splits;
   if (splits <= 0) {
     const int64_t blocks = gx * gy;
-    const int sms = std::max(1, SmCount());
-    splits = blocks >= sms ? 1 : static_cast<int>(std::min<int64_t>((sms + blocks - 1) / blocks, 8));
+    const int slots = std::max(1, SmCount()) * (MI == 4 ? 1 : 2);
+    splits = blocks >= slots ? 1 : static_cast<int>(std::min<int64_t>((slots + blocks - 1) / blocks, 8));
   }
   splits = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(splits, nu)));
   cudaStream_t s = static_cast<cudaStream_t>(stream);
   if (splits > 1) cudaMemsetAsync(p.Y, 0, static_cast<size_t>(p.M) * d.N * sizeof(float), s);
   dim3 grid(static_cast<unsigned>(gx), static_cast<unsigned>(gy), static_cast<unsigned>(splits));
-  PrefillKernel<ZP, MAGIC, SMALLG><<<grid, kThreads, kPrefillSmem, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16,
-                                                                       p.w, p.bias, p.Y, splits);
+  PrefillKernel<MI, ZP, MAGIC, SMALLG><<<grid, kThreads, smem, s>>>(d, static_cast<int>(p.M), qA, sa, qsum16, p.w,
+                                                                    p.bias, p.Y, splits);
   return LastError("prefill kernel");
+}
+
+template <int MI>
+std::string Prefill(const Problem& p, const int8_t* qA, const float* sa, const int* qsum16, void* stream) {
+  const Dims& d = p.d;
+  const bool zp = p.w.zc != nullptr;
+  if (d.Gp < 128) {
+    return zp ? LaunchPrefill<MI, true, true, true>(p, qA, sa, qsum16, stream)
+              : LaunchPrefill<MI, false, true, true>(p, qA, sa, qsum16, stream);
+  }
+  if (d.Gp == 128) {
+    return zp ? LaunchPrefill<MI, true, true, false>(p, qA, sa, qsum16, stream)
+              : LaunchPrefill<MI, false, true, false>(p, qA, sa, qsum16, stream);
+  }
+  return zp ? LaunchPrefill<MI, true, false, false>(p, qA, sa, qsum16, stream)
+            : LaunchPrefill<MI, false, false, false>(p, qA, sa, qsum16, stream);
 }
 
 // PDL needs compute capability >= 9.0; FPTQ_OPS_CUDA_PDL=0 turns it off.
@@ -693,16 +714,9 @@ std::string Run(const Problem& p, void* stream) {
     if (p.M <= 8) return zp ? LaunchDecode<1, true>(p, qA, sa, qsum16, stream) : LaunchDecode<1, false>(p, qA, sa, qsum16, stream);
     return zp ? LaunchDecode<2, true>(p, qA, sa, qsum16, stream) : LaunchDecode<2, false>(p, qA, sa, qsum16, stream);
   }
-  if (d.Gp < 128) {
-    return zp ? LaunchPrefill<true, true, true>(p, qA, sa, qsum16, stream)
-              : LaunchPrefill<false, true, true>(p, qA, sa, qsum16, stream);
-  }
-  if (d.Gp == 128) {
-    return zp ? LaunchPrefill<true, true, false>(p, qA, sa, qsum16, stream)
-              : LaunchPrefill<false, true, false>(p, qA, sa, qsum16, stream);
-  }
-  return zp ? LaunchPrefill<true, false, false>(p, qA, sa, qsum16, stream)
-            : LaunchPrefill<false, false, false>(p, qA, sa, qsum16, stream);
+  // prefill: 128 x 64 block tiles, 2 blocks per SM (kAutoMI = 2) or 128 x 128, 1 per SM (4)
+  const int mi = p.force_path == 2 ? 4 : p.force_path == 4 ? 2 : kAutoMI;
+  return mi == 4 ? Prefill<4>(p, qA, sa, qsum16, stream) : Prefill<2>(p, qA, sa, qsum16, stream);
 }
 
 }  // namespace gpu

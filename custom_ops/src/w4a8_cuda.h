@@ -66,7 +66,8 @@ struct Problem {
   Packed w;
   float* Y = nullptr;                // [M, N] device
   void* workspace = nullptr;         // WorkspaceBytes
-  int force_path = 0;                // 0 auto, 1 decode kernel (M <= 16), 2 prefill kernel, 3 quantize only
+  int force_path = 0;                // 0 auto, 1 decode kernel (M <= 16), 2 prefill 128x128 tiles,
+                                     // 4 prefill 128x64 tiles, 3 quantize only
   int force_splits = 0;              // prefill split-K (0 auto)
 };
 

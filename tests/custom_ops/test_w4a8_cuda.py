@@ -122,6 +122,7 @@ MS = [1, 5, 16, 17, 128, 1000]
 # ---------------------------------------------------------------- correctness
 
 
+@pytest.mark.parametrize("cuda_path", [None, "prefill128"], indirect=True)
 @pytest.mark.parametrize("K,N,G", SHAPES)
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
 def test_matches_reference_exactly(K, N, G, act_mode, cuda_path):
@@ -141,10 +142,10 @@ def test_matches_reference_exactly(K, N, G, act_mode, cuda_path):
             np.testing.assert_array_equal(y, ref, err_msg=f"M={M} zp={with_zp} bias={with_bias}")
 
 
-@pytest.mark.parametrize("cuda_path", ["decode", "prefill"], indirect=True)
+@pytest.mark.parametrize("cuda_path", ["decode", "prefill128", "prefill64"], indirect=True)
 @pytest.mark.parametrize("K,N,G", [(576, 40, 128), (100, 24, 32), (80, 11, 16), (512, 9, 256)])
 def test_both_kernels_small_m(K, N, G, cuda_path):
-    """M <= 16 through the decode kernel and through the prefill kernel (split-K)."""
+    """M <= 16 through the decode kernel and through both prefill kernels (split-K)."""
     rng = np.random.default_rng(3)
     B, s, zp = make_weights(rng, K, N, G, with_zp=True)
     bias = (rng.integers(-64, 64, size=N) / 16).astype(np.float32)

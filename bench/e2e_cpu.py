@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import statistics
 import subprocess
@@ -29,23 +30,30 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
 
 
-def measure(path: Path, threads: int, prefill: int, decode: int, repeats: int) -> dict:
-    lm = OnnxCausalLM(path, threads=threads)
-    rng = np.random.default_rng(0)
-    prompt = rng.integers(0, 1000, size=(1, prefill), dtype=np.int64)
-    lm.forward(prompt[:, :16], lm.empty_past(1))  # warm-up: session init, weight pre-packing
-    prefill_s, decode_tps = [], []
-    for _ in range(repeats):
+class Runner:
+    """One model's session and prompt; `once()` measures one prefill and `decode` greedy steps."""
+
+    def __init__(self, path: Path, threads: int, prefill: int, decode: int) -> None:
+        self.lm = OnnxCausalLM(path, threads=threads)
+        self.prompt = np.random.default_rng(0).integers(0, 1000, size=(1, prefill), dtype=np.int64)
+        self.decode = decode
+        self.lm.forward(self.prompt[:, :16], self.lm.empty_past(1))  # warm-up: session init, weight pre-packing
+        self.prefill_s: list[float] = []
+        self.decode_tps: list[float] = []
+
+    def once(self) -> None:
         start = time.perf_counter()
-        logits, past = lm.forward(prompt, lm.empty_past(1))
-        prefill_s.append(time.perf_counter() - start)
+        logits, past = self.lm.forward(self.prompt, self.lm.empty_past(1))
+        self.prefill_s.append(time.perf_counter() - start)
         token = np.array([[int(logits[0, -1].argmax())]], np.int64)
         start = time.perf_counter()
-        for _ in range(decode):
-            logits, past = lm.forward(token, past)
+        for _ in range(self.decode):
+            logits, past = self.lm.forward(token, past)
             token = np.array([[int(logits[0, -1].argmax())]], np.int64)
-        decode_tps.append(decode / (time.perf_counter() - start))
-    return {"prefill_ms": 1000 * statistics.median(prefill_s), "decode_tps": statistics.median(decode_tps)}
+        self.decode_tps.append(self.decode / (time.perf_counter() - start))
+
+    def result(self) -> dict:
+        return {"prefill_ms": 1000 * statistics.median(self.prefill_s), "decode_tps": statistics.median(self.decode_tps)}
 
 
 def main() -> None:
@@ -57,20 +65,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("bench/e2e_cpu.md"))
     args = parser.parse_args()
-    rows = []
+    runners = {}
     for item in args.models:
         label, _, path = item.partition("=")
-        result = measure(Path(path), args.threads, args.prefill, args.decode, args.repeats)
-        size = sum(f.stat().st_size for f in Path(path).parent.glob(Path(path).name + "*"))
-        rows.append((label, size / 2**20, result))
-        print(f"{label}: {result}", flush=True)
+        runners[label] = (Path(path), Runner(Path(path), args.threads, args.prefill, args.decode))
+    for _ in range(args.repeats):  # the models take turns, so load changes hit them alike
+        for _, runner in runners.values():
+            runner.once()
+    rows = []
+    for label, (path, runner) in runners.items():
+        size = sum(f.stat().st_size for f in path.parent.glob(path.name + "*"))
+        rows.append((label, size / 2**20, runner.result()))
+        print(f"{label}: {runner.result()}", flush=True)
     base = rows[0][2]
     lines = [
-        f"# End-to-end CPU speed ({datetime.date.today()})",
+        f"# End-to-end CPU speed ({datetime.datetime.now().isoformat(timespec='minutes')})",
         "",
         f"Machine: {cpu_name()}, {args.threads} ORT intra-op threads; onnxruntime {ort.__version__}.",
         f"Prefill: one {args.prefill}-token prompt; decode: {args.decode} greedy steps with the KV cache; "
-        f"median of {args.repeats} runs.",
+        f"median of {args.repeats} runs, the models taking turns; load average at the end "
+        f"{os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work on the machine inflates times).",
         f"Command: `python bench/e2e_cpu.py {' '.join(args.models)}`",
         "",
         "| model | size MB | prefill ms | prefill speed-up | decode tok/s | decode speed-up |",

@@ -530,7 +530,7 @@ def compare_command(
             else:
                 with step(f"evaluating {label} through ONNX Runtime ({', '.join(task_names)})"):
                     eval_start = time.perf_counter()
-                    lm = OnnxCausalLM(path, threads=threads)
+                    lm = OnnxCausalLM(path, threads=threads, spin=False)
                     entry["results"] = _evaluate(evaluate, lm, load_onnx_tokenizer(path), task_names, data_dir,
                                                  seqlen, limit, item_limit, model_max_length(path), progress)
                     del lm

@@ -29,7 +29,7 @@ def run_eval(onnx_path: Path, tasks: list[str], seqlen: int, limit: int | None, 
 
     if json_out is not None and not Path(json_out).parent.is_dir():
         raise FptqError(f"directory for --json does not exist: {Path(json_out).parent}")
-    lm = OnnxCausalLM(onnx_path, threads=threads)
+    lm = OnnxCausalLM(onnx_path, threads=threads, spin=False)
     tokenizer = load_onnx_tokenizer(onnx_path)
     start = time.perf_counter()
     results = evaluate(lm, tokenizer, tasks, data_dir=data_dir, seqlen=seqlen, limit=limit,

@@ -12,6 +12,7 @@ initializer `<module>.weight` of shape [K, N], and every norm weight becomes
 from __future__ import annotations
 
 import ast
+import contextlib
 import logging
 import warnings
 
@@ -91,7 +92,7 @@ def export_float(model: torch.nn.Module, spec: ArchSpec) -> ir.Model:
     }
     input_names = list(spec.io_inputs) + spec.past_names(layers)
     output_names = ["logits"] + spec.present_names(layers)
-    with warnings.catch_warnings(), _quiet_loggers(), torch.no_grad():
+    with warnings.catch_warnings(), _quiet_loggers(), torch.no_grad(), _eager_attention(model):
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -111,6 +112,23 @@ def export_float(model: torch.nn.Module, spec: ArchSpec) -> ir.Model:
     _name_dims(ir_model, spec, layers)
     ir_model.producer_name = "fptq-onnx"
     return ir_model
+
+
+@contextlib.contextmanager
+def _eager_attention(model: torch.nn.Module):
+    """Export attention as plain MatMul/Softmax with an additive mask.
+
+    The SDPA path exports a NaN guard (IsNaN + Where over every [heads, T, T] score
+    tensor) that cost ~25% of a 1024-token prefill in ONNX Runtime here; eager
+    attention computes the same function without it.
+    """
+    config = model.config
+    previous = getattr(config, "_attn_implementation", None)
+    config._attn_implementation = "eager"
+    try:
+        yield
+    finally:
+        config._attn_implementation = previous
 
 
 def canonicalize(ir_model: ir.Model, model: torch.nn.Module, spec: ArchSpec) -> None:

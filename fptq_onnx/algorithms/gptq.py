@@ -44,6 +44,7 @@ class Config:
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
+    mse: bool = False  # each group's range from a shrink search instead of min/max
 
     def validate(self) -> None:
         check_group_size(self.group_size)
@@ -58,18 +59,40 @@ class Config:
 # --------------------------------------------------------------------------- the quantizer grid
 
 
-def _grid_params(w: torch.Tensor, symmetric: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero) per row of w [N, cols]: the same rule as quant.quantize_groups."""
+def _grid_params(w: torch.Tensor, symmetric: bool, bits: int, shrink: float | torch.Tensor = 1.0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) per row of w [N, cols]: the same rule as quant.quantize_groups, range times `shrink`."""
     _, hi_q = int_range(bits, symmetric)
     if symmetric:
-        absmax = w.abs().amax(dim=1)
+        absmax = w.abs().amax(dim=1) * shrink
         scale = torch.where(absmax > 0, absmax / hi_q, torch.ones_like(absmax))
         return scale, torch.zeros_like(scale)
-    lo = torch.clamp(w.amin(dim=1), max=0.0)
-    hi = torch.clamp(w.amax(dim=1), min=0.0)
+    lo = torch.clamp(w.amin(dim=1) * shrink, max=0.0)
+    hi = torch.clamp(w.amax(dim=1) * shrink, min=0.0)
     scale = torch.where(hi > lo, (hi - lo) / hi_q, torch.ones_like(hi))
     zero = torch.clamp(torch.round(-lo / scale), 0, hi_q)
     return scale, zero
+
+
+# Range shrink factors tried by the `mse` grid search, and the error norm (GPTQ's reference uses 2.4).
+MSE_SHRINKS = torch.linspace(1.0, 0.5, 26)
+MSE_NORM = 2.4
+
+
+def _searched_grid_params(w: torch.Tensor, symmetric: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the shrunk range whose grid rounds w with the least Σ|w − q(w)|^2.4."""
+    best_err = torch.full((w.shape[0],), float("inf"))
+    best_scale, best_zero = _grid_params(w, symmetric, bits)
+    lo_q, hi_q = int_range(bits, symmetric)
+    for shrink in MSE_SHRINKS:
+        scale, zero = _grid_params(w, symmetric, bits, float(shrink))
+        q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], lo_q if symmetric else 0, hi_q)
+        err = ((q - zero[:, None]) * scale[:, None] - w).abs().pow(MSE_NORM).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_scale = torch.where(better, scale, best_scale)
+        best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
 
 
 def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, symmetric: bool, bits: int):
@@ -110,8 +133,11 @@ def gptq_quantize(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    mse: bool = False,
 ) -> QuantizedWeight:
     """GPTQ one weight given in the [K, N] layout with its input Hessian H [K, K].
+
+    `mse` picks each group's range by a shrink search (GPTQ's reference `--mse`) instead of min/max.
 
     Returns the QuantizedWeight (same layout and rounding rules as quant.quantize_groups).
     """
@@ -123,6 +149,7 @@ def gptq_quantize(
         raise FptqError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match K={k}")
     lo_q, hi_q = int_range(bits, symmetric)
     groups = num_groups(k, group_size)
+    grid_params = _searched_grid_params if mse else _grid_params
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -133,7 +160,7 @@ def gptq_quantize(
     if act_order:
         # Static groups: grids from the original weights, original contiguous grouping.
         for g in range(groups):
-            scales[g], zeros[g] = _grid_params(W[:, g * group_size : (g + 1) * group_size], symmetric, bits)
+            scales[g], zeros[g] = grid_params(W[:, g * group_size : (g + 1) * group_size], symmetric, bits)
         perm = torch.argsort(torch.diag(H), descending=True)
         W = W[:, perm]
         H = H[perm][:, perm]
@@ -162,7 +189,7 @@ def gptq_quantize(
                     current = W1[:, i : min(end - i1, count)]
                     if end > i2:
                         current = torch.cat([current, W[:, i2:end]], dim=1)
-                    scales[g], zeros[g] = _grid_params(current, symmetric, bits)
+                    scales[g], zeros[g] = grid_params(current, symmetric, bits)
             w = W1[:, i]
             d = Hinv1[i, i]
             q, dq = _quantize_column(w, scales[g], zeros[g], symmetric, bits)
@@ -235,6 +262,7 @@ def run_gptq(
     damp: float = 0.01,
     block_size: int = 128,
     act_order: bool = False,
+    mse: bool = False,
     progress: bool | None = None,
 ) -> dict[str, QuantizedWeight]:
     """Sequential GPTQ *in place* on `model` (its linears end up dequantized); returns the weights."""
@@ -256,7 +284,7 @@ def run_gptq(
         for name, acc in hessians.items():
             module = step.linears[name]
             qw = gptq_quantize(module.weight.detach().T, acc.h, group_size, symmetric, bits, damp, block_size,
-                               act_order)
+                               act_order, mse)
             with torch.no_grad():
                 module.weight.copy_(torch.from_numpy(qw.dequantize().T))
             out[name] = qw
@@ -278,6 +306,7 @@ def gptq_weights(
     damp: float = 0.01,
     act_order: bool = False,
     block_size: int = 128,
+    mse: bool = False,
 ) -> dict[str, QuantizedWeight]:
     """GPTQ as a weight quantizer after equalization (for FPTQ and others).
 
@@ -288,19 +317,20 @@ def gptq_weights(
     """
     work = copy.deepcopy(model).eval()
     apply_equalizations_torch(work, equalizations)
-    return run_gptq(work, spec, calib.tokens, group_size, symmetric, bits, damp, block_size, act_order)
+    return run_gptq(work, spec, calib.tokens, group_size, symmetric, bits, damp, block_size, act_order, mse)
 
 
 def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
     config.validate()
     weights = gptq_weights(model, spec, calib, [], config.group_size, config.symmetric, config.bits, config.damp,
-                           config.act_order, config.block_size)
+                           config.act_order, config.block_size, config.mse)
     plan = QuantPlan(method="gptq", config=asdict(config), calibration=calib.describe())
     grid = f"int{config.bits} g{config.group_size} {'sym' if config.symmetric else 'asym'}"
     for name in decoder_linears(model, spec):
         m = calib.stats[name].max_abs if name in calib.stats else 0.0
         plan.linears[name] = LinearPlan(
             name, "gptq", ActMode.NONE, m, m, weight=weights[name],
-            reason=f"GPTQ {grid}{', act_order (static groups)' if config.act_order else ''}; float activations",
+            reason=f"GPTQ {grid}{', act_order (static groups)' if config.act_order else ''}"
+                   f"{', mse ranges' if config.mse else ''}; float activations",
         )
     return plan

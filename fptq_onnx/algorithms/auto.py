@@ -5,12 +5,13 @@ generalises it: for every group of linears reading one input (q/k/v after the
 attention norm, gate/up after the MLP norm, o_proj, down_proj), on that layer's
 calibration inputs X, we try each equalization s
 
-    none | LAE (FPTQ) | SmoothQuant α ∈ `alphas` | AWQ-searched (mean|x|^α grid)
+    none | LAE (FPTQ) | SmoothQuant and AWQ-style (mean|x|^α) scales, α ∈ `alphas`
 
 (o_proj / down_proj only where s folds into v_proj / up_proj) and each activation
 mode for X / s
 
-    per-tensor static int8, range chosen by output error over a clip grid
+    per-tensor static int8 (then, for the best equalization, the range chosen by
+        output error over a clip grid)
     per-token dynamic int8
 
 with int4 RTN weights of W · s, and measure the group's relative output error
@@ -32,8 +33,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from fptq_onnx.algorithms.awq import Config as AwqConfig
-from fptq_onnx.algorithms.awq import _pair_tie, fake_quant, search_scale, token_subsample
+from fptq_onnx.algorithms.awq import _pair_tie, fake_quant, token_subsample
 from fptq_onnx.algorithms.common import check_group_size, expand_heads
 from fptq_onnx.algorithms.sequential import sequential_layers
 from fptq_onnx.algorithms.smoothquant import smooth_scales
@@ -48,7 +48,7 @@ from fptq_onnx.quant import lae_scales, static_scale
 SUMMARY = "W4A8 accuracy-first: per group, equalization and static/per-token int8 chosen by measured output error"
 
 # Fractions of the calibrated range a static scale may cover; the error decides.
-STATIC_CLIP_GRID = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+STATIC_CLIP_GRID = (1.0, 0.85, 0.7, 0.55, 0.4)
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,8 @@ class Config:
     weights: str = "rtn"
     max_dynamic: float = 1.0  # fraction of linears allowed per-token dynamic
     alphas: str = "0.25,0.5,0.75"  # SmoothQuant candidates ('' = none)
-    awq: bool = True  # also try AWQ's searched scale
-    max_tokens: int = 2048  # calibration tokens per layer used for the error measurements
+    awq: bool = True  # also try AWQ's s = mean|x|^α for the same α
+    max_tokens: int = 512  # calibration tokens per layer used for the error measurements
 
     def validate(self) -> None:
         check_group_size(self.group_size)
@@ -121,16 +121,12 @@ class _Sampler:
         return torch.cat(self._rows)
 
 
-def _relative_error(y_ref: torch.Tensor, y: torch.Tensor, ref_energy: float) -> float:
-    return float((y - y_ref).pow(2).sum()) / ref_energy
-
-
-def _candidate_scales(x_max: np.ndarray, w: torch.Tensor, x: torch.Tensor, config: Config,
+def _candidate_scales(x_max: np.ndarray, x_mean: np.ndarray, w: torch.Tensor, config: Config,
                       tie: tuple[int, int] | None) -> dict[str, np.ndarray | None]:
     """Equalizations to try, as s per consumer input channel (equal across tied heads)."""
 
-    def tied(v: np.ndarray) -> np.ndarray:
-        return v if tie is None else v.reshape(tie[0], tie[1], -1).max(axis=1).reshape(-1)
+    def tied(v: np.ndarray, reduce=np.max) -> np.ndarray:
+        return v if tie is None else reduce(v.reshape(tie[0], tie[1], -1), axis=1).reshape(-1)
 
     def untie(v: np.ndarray) -> np.ndarray:
         return v if tie is None else expand_heads(v, tie[0] * tie[1], tie[0])
@@ -139,36 +135,50 @@ def _candidate_scales(x_max: np.ndarray, w: torch.Tensor, x: torch.Tensor, confi
     out: dict[str, np.ndarray | None] = {"none": None, "lae": untie(lae_scales(tied(x_max)))}
     for alpha in config.alpha_values():
         out[f"sq{alpha:.2f}"] = untie(smooth_scales(tied(x_max), tied(w_max), alpha))
-    if config.awq:
-        awq_cfg = AwqConfig(group_size=config.group_size, symmetric=config.symmetric)
-        xd = x.double()
-        s, _, _, _ = search_scale([w.double()], xd.T @ xd, xd.abs().mean(dim=0), awq_cfg, tie)
-        out["awq"] = s
+        if config.awq:  # AWQ's s = mean|x|^α normalised by sqrt(max·min), on the same α grid
+            a = np.maximum(tied(x_mean, np.mean).astype(np.float64), 1e-4) ** alpha
+            out[f"awq{alpha:.2f}"] = untie((a / np.sqrt(a.max() * a.min())).astype(np.float32))
     return out
 
 
 def _measure(x: torch.Tensor, w: torch.Tensor, x_max: np.ndarray, candidates: dict[str, np.ndarray | None],
              config: Config, tie) -> dict[ActMode, Choice]:
-    """The lowest-error candidate per activation mode on inputs x [T, K], weights w [K, N]."""
+    """The lowest-error candidate per activation mode on inputs x [T, K], weights w [K, N].
+
+    Two stages keep it cheap: every equalization with the full-range static scale and
+    per-token; then the clip grid only for the best static one.
+    """
     y_ref = x @ w
     energy = max(float(y_ref.pow(2).sum()), 1e-30)
-    best: dict[ActMode, Choice] = {}
+
+    def err(xq: torch.Tensor, wq: torch.Tensor) -> float:
+        return float((xq @ wq - y_ref).pow(2).sum()) / energy
+
+    prepared = {}
+    scored: dict[ActMode, tuple[float, str]] = {}
     for label, s in candidates.items():
         s_t = None if s is None else torch.from_numpy(s.astype(np.float32))
         xs = x if s_t is None else x / s_t
-        ws = w if s_t is None else w * s_t[:, None]
-        wq = fake_quant(ws, config.group_size, config.symmetric, 4)
-        weight_error = _relative_error(y_ref, xs @ wq, energy)
+        wq = fake_quant(w if s_t is None else w * s_t[:, None], config.group_size, config.symmetric, 4)
         full = float(x_max.max() if s is None else (x_max / s).max())
-        static = min(
-            (_relative_error(y_ref, fake_quant_static(xs, static_scale(full * r)) @ wq, energy), full * r)
-            for r in STATIC_CLIP_GRID
-        )
-        per_token = _relative_error(y_ref, fake_quant_per_token(xs) @ wq, energy)
+        prepared[label] = (xs, wq, full)
+        for mode, e in ((ActMode.STATIC, err(fake_quant_static(xs, static_scale(full)), wq)),
+                        (ActMode.PER_TOKEN, err(fake_quant_per_token(xs), wq))):
+            if mode not in scored or e < scored[mode][0]:
+                scored[mode] = (e, label)
+
+    best: dict[ActMode, Choice] = {}
+    for mode, (e, label) in scored.items():
+        xs, wq, full = prepared[label]
+        covered = full
+        if mode == ActMode.STATIC:
+            for r in STATIC_CLIP_GRID[1:]:
+                e_r = err(fake_quant_static(xs, static_scale(full * r)), wq)
+                if e_r < e:
+                    e, covered = e_r, full * r
+        s = candidates[label]
         source_scale = None if (s is None or tie is None) else s.reshape(tie[0], tie[1], -1)[:, 0, :].reshape(-1)
-        for mode, (err, covered) in ((ActMode.STATIC, static), (ActMode.PER_TOKEN, (per_token, full))):
-            if mode not in best or err < best[mode].error:
-                best[mode] = Choice(label, mode, err, weight_error, covered, s, source_scale)
+        best[mode] = Choice(label, mode, e, err(xs, wq), covered, s, source_scale)
     return best
 
 
@@ -220,7 +230,8 @@ def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, confi
             x = samplers[names[0]].tokens()
             w = torch.cat([step.linears[n].weight.detach().float().T for n in names], dim=1)
             x_max = stats[names[0]].channel_max_np()
-            candidates = {"none": None} if kind == "skip" else _candidate_scales(x_max, w, x, config, tie)
+            x_mean = stats[names[0]].channel_mean_np()
+            candidates = {"none": None} if kind == "skip" else _candidate_scales(x_max, x_mean, w, config, tie)
             groups.append(Group(names, source, kind, float(x_max.max()), _measure(x, w, x_max, candidates, config, tie)))
         del samplers
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 def format_manifest(manifest: dict) -> str:
     lines = [
-        f"method {manifest.get('method')}  format {manifest.get('format')}  model {manifest.get('model')}",
+        f"method {manifest.get('method')}"
+        + (f" (recipe {manifest['recipe']})" if manifest.get("recipe") else "")
+        + f"  format {manifest.get('format')}  model {manifest.get('model')}",
         f"config {manifest.get('config')}",
         f"calibration {manifest.get('calibration')}",
         f"decisions {manifest.get('counts')}",
@@ -16,7 +18,8 @@ def format_manifest(manifest: dict) -> str:
     if manifest.get("quick_perplexity"):
         q = manifest["quick_perplexity"]
         lines.append(f"quick perplexity ({q['windows']}x{q['seqlen']}): float {q['float']:.3f}, quantized {q['quantized']:.3f}")
-    header = f"{'linear':40s} {'strategy':11s} {'max|X|':>9s} {'after eq':>9s} {'act scale':>10s}  weight"
+    width = max([11] + [len(info["strategy"]) for info in manifest["linears"].values()])
+    header = f"{'linear':40s} {'strategy':{width}s} {'max|X|':>9s} {'after eq':>9s} {'act scale':>10s}  {'weight':16s}  why"
     lines += ["", header, "-" * len(header)]
     for name, info in manifest["linears"].items():
         weight = info.get("weight") or {}
@@ -24,6 +27,7 @@ def format_manifest(manifest: dict) -> str:
         wdesc = f"int{weight['bits']} {grouping} {'sym' if weight['symmetric'] else 'asym'}" if weight else "float"
         scale = "" if info.get("act_scale") is None else f"{info['act_scale']:.4g}"
         lines.append(
-            f"{name:40s} {info['strategy']:11s} {info['max_abs']:9.2f} {info['max_abs_equalized']:9.2f} {scale:>10s}  {wdesc}"
+            f"{name:40s} {info['strategy']:{width}s} {info['max_abs']:9.2f} {info['max_abs_equalized']:9.2f} {scale:>10s}  "
+            f"{wdesc:16s}  {info.get('reason', '')}"
         )
     return "\n".join(lines)

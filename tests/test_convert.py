@@ -95,6 +95,8 @@ def test_inspect_prints_a_row_per_linear(cli, converted):
     rows = [line for line in result.stdout.splitlines() if line.startswith("model.layers.")]
     assert len(rows) == _decoder_linears()
     assert [r.split()[0] for r in rows] == list(manifest["linears"])
+    for row, info in zip(rows, manifest["linears"].values()):  # each row says why
+        assert info["reason"] and row.endswith(info["reason"])
 
 
 def test_generate_on_w4a8(cli, converted):
@@ -164,5 +166,8 @@ def test_recipe_best_writes_all_three_forms(cli, tiny_checkpoint, tiny_onnx, tmp
         assert (manifest["recipe"], manifest["method"], manifest["format"]) == ("best", "auto", fmt)
         assert manifest["config"]["weights"] == "gptq" and manifest["config"]["symmetric"] is False
         assert all(lp["weight"]["symmetric"] is False for lp in manifest["linears"].values())
+        if fmt == "qdq":
+            shown = cli("inspect", path)
+            assert shown.code == 0 and "(recipe best)" in shown.stdout and "error " in shown.stdout
         if fmt != "native":  # the convert passed its parity bound (else exit 1); the numbers are recorded
             assert manifest["parity"]["metric"] == "noise" and manifest["parity"]["top1_agreement"] > 0.9

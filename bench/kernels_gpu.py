@@ -265,7 +265,7 @@ def ragged_checks(lib):
                     Y = torch.empty(M, N, device="cuda")
                     ws = torch.empty(lib.fptq_cuda_workspace_bytes(K, N, Gr, M, int(tz is not None)),
                                      dtype=torch.uint8, device="cuda")
-                    for fp in ([0, 1, 2, 4] if M <= 16 else [2, 4]):
+                    for fp in ([0, 1, 2, 4, 5, 6] if M <= 16 else [2, 4]):
                         Y.fill_(float("nan"))
                         err = lib.fptq_cuda_run(K, N, Gr, int(per_token), M, _p(tA), _p(act), _p(tbias), _p(Bp),
                                                 _p(sc), _p(zc), _p(Y), _p(ws), _stream(), fp, 0)
@@ -288,6 +288,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 128, 4096}")
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
+    ap.add_argument("--decode-only", action="store_true", help="M in {1, 16} only")
+    ap.add_argument("--no-ragged", action="store_true", help="skip the ragged exact checks")
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -313,9 +315,11 @@ def main():
         except ImportError:
             ort = None
 
-    checks = ragged_checks(lib)
+    checks = [] if args.no_ragged else ragged_checks(lib)
     shapes = SHAPES[:1] if args.quick else SHAPES
     ms = [1, 128, 4096] if args.quick else MS
+    if args.decode_only:
+        ms = [1, 16]
     rows = []
     for K, N in shapes:
         ng = K // G
@@ -347,7 +351,7 @@ def main():
             for per_token in (False, True):
                 for which, o, w_zp in (("nozp", ours, None), ("zp", ours_zp, zp)):
                     ref = reference(A, B, scales, w_zp, act, per_token, K)
-                    paths = [0, 2, 4] if M <= 16 else [2, 4]
+                    paths = [0, 2, 4, 5] if M <= 16 else [2, 4]
                     for fp in paths:
                         Y.fill_(float("nan"))
                         o.run(A, Y, ws_zp if which == "zp" else ws, act, per_token, force_path=fp)
@@ -363,11 +367,15 @@ def main():
             # timing
             t_ours = graph_time(lambda i: ours.run(A, Y, ws, act, False, copy=i), C)
             t_pf128 = graph_time(lambda i: ours.run(A, Y, ws, act, False, copy=i, force_path=2), C) if M > 16 else None
+            t_dec4 = graph_time(lambda i: ours.run(A, Y, ws, act, False, copy=i, force_path=5), C) if M <= 16 else None
+            t_dec5 = graph_time(lambda i: ours.run(A, Y, ws, act, False, copy=i, force_path=1), C) if M <= 16 else None
+            t_probe = graph_time(lambda i: ours.run(A, Y, ws, act, False, copy=i, force_path=8), C) if M == 1 else None
             t_quant = graph_time(lambda i: ours.run(A, Y, ws, act, False, copy=i, force_path=3), C)
             A16 = A.half()
             Y16 = torch.empty(M, N, device="cuda", dtype=torch.float16)
             t_fp16 = graph_time(lambda i: torch.matmul(A16, W16[i], out=Y16), C16)
-            row = dict(K=K, N=N, M=M, copies=C, fp16_us=t_fp16, ours_us=t_ours, quant_us=t_quant, prefill128_us=t_pf128)
+            row = dict(K=K, N=N, M=M, copies=C, fp16_us=t_fp16, ours_us=t_ours, quant_us=t_quant, prefill128_us=t_pf128,
+                       decode_v4_us=t_dec4, decode_v5_us=t_dec5, read_probe_us=t_probe)
             if sess_nb is not None:
                 for key, sess, a_np, dt in (("nbits", sess_nb, A16.cpu().numpy(), np.float16),
                                             ("ours_ort", sess_ours, A.cpu().numpy(), np.float32)):
@@ -387,7 +395,7 @@ def main():
         torch.cuda.empty_cache()
 
     n_bad = sum(not c["ok"] for c in checks)
-    worst = max(c["max_err"] for c in checks if "G" not in c)
+    worst = max([c["max_err"] for c in checks if "G" not in c] + [0.0])
     print(f"correctness: {len(checks) - n_bad}/{len(checks)} ok, worst max|err|/max|ref| {worst:.2e}")
     md = report(name, prop, l2, hbm, rows, checks, ort)
     print(md)
@@ -400,6 +408,12 @@ def main():
 
 def _f(v, fmt="{:.1f}"):
     return "–" if v is None else fmt.format(v)
+
+
+def _dec(r):
+    if r.get("decode_v4_us") is not None:
+        return f"{r['decode_v4_us']:.1f} / {_f(r.get('decode_v5_us'))}"
+    return _f(r.get("prefill128_us"))
 
 
 def report(name, prop, l2, hbm, rows, checks, ort):
@@ -418,9 +432,9 @@ def report(name, prop, l2, hbm, rows, checks, ort):
         f"GB/s counts the int4 weight bytes only (N·K/2) against HBM {_f(hbm and hbm / 1e12, '{:.2f}')} TB/s; "
         f"TOPS = 2·M·N·K / time against the dense int8 peak {INT8_PEAK / 1e12:.0f} TOPS.",
         "",
-        "| K×N | M | cuBLAS fp16 | MatMulNBits kern | MatMulNBits wall | ours | (quant part) | (128×128 tiles) | ours ORT kern | ours ORT wall "
+        "| K×N | M | cuBLAS fp16 | MatMulNBits kern | MatMulNBits wall | ours | (quant part) | (decode v4 / v5) or (128×128 tiles) | (read probe) | ours ORT kern | ours ORT wall "
         "| ours vs fp16 | ours vs NBits | weight GB/s (% HBM) | TOPS (% int8 peak) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         nb = r.get("nbits_kernel_us")
@@ -428,14 +442,14 @@ def report(name, prop, l2, hbm, rows, checks, ort):
         hb = "" if hbm is None else f" ({100 * r['ours_GBps'] * 1e9 / hbm:.0f}%)"
         lines.append(
             f"| {r['K']}×{r['N']} | {r['M']} | {r['fp16_us']:.1f} | {_f(nb)} | {_f(r.get('nbits_wall_us'))} | "
-            f"{r['ours_us']:.1f} | {r['quant_us']:.1f} | {_f(r.get('prefill128_us'))} | {_f(r.get('ours_ort_kernel_us'))} | {_f(r.get('ours_ort_wall_us'))} | "
+            f"{r['ours_us']:.1f} | {r['quant_us']:.1f} | {_dec(r)} | {_f(r.get('read_probe_us'))} | {_f(r.get('ours_ort_kernel_us'))} | {_f(r.get('ours_ort_wall_us'))} | "
             f"{r['fp16_us'] / r['ours_us']:.2f}× | {_f(vs_nb, '{:.2f}×')} | {r['ours_GBps']:.0f}{hb} | "
             f"{r['ours_TOPS']:.0f} ({100 * r['ours_TOPS'] * 1e12 / INT8_PEAK:.0f}%) |")
     big = [c for c in checks if "G" not in c]
     exact = [c for c in checks if "G" in c]
     n_bad = sum(not c["ok"] for c in big)
-    worst = max(c["max_err"] for c in big)
-    worst_rel = max(c["rel"] for c in big)
+    worst = max([c["max_err"] for c in big] + [0.0])
+    worst_rel = max([c["rel"] for c in big] + [0.0])
     lines += ["", f"Correctness on these shapes (vs float64 reference, static/per_token × zero points or not × "
               f"every kernel variant for the M): {len(big) - n_bad}/{len(big)} ok; worst max|err|/max|ref| "
               f"{worst:.1e}, worst ‖err‖/‖ref‖ {worst_rel:.1e}.",

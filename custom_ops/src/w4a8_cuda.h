@@ -66,8 +66,10 @@ struct Problem {
   Packed w;
   float* Y = nullptr;                // [M, N] device
   void* workspace = nullptr;         // WorkspaceBytes
-  int force_path = 0;                // 0 auto, 1 decode kernel (M <= 16), 2 prefill 128x128 tiles,
-                                     // 4 prefill 128x64 tiles, 3 quantize only
+  int force_path = 0;                // 0 auto, 1 decode kernel (M <= 16: the v5 streaming TMA kernel on
+                                     // sm_90 when its shared memory fits, else v4), 5 the v4 decode kernel,
+                                     // 6 v5 with 6 stages, 2 prefill 128x128 tiles, 4 prefill 128x64 tiles,
+                                     // 3 quantize only, 8/11/12 read-only bandwidth probes (no result)
   int force_splits = 0;              // prefill split-K (0 auto)
 };
 

@@ -97,7 +97,7 @@ def make_activations(rng, shape, act_mode, exact=True):
 
 @pytest.fixture
 def cuda_path(request, monkeypatch):
-    """Force the decode or the prefill kernel (read when the session creates the kernel)."""
+    """Force a decode (v5 streaming / v4) or prefill kernel (read when the session creates the kernel)."""
     name = getattr(request, "param", None)
     if name is None:
         monkeypatch.delenv("FPTQ_OPS_CUDA_PATH", raising=False)
@@ -142,7 +142,7 @@ def test_matches_reference_exactly(K, N, G, act_mode, cuda_path):
             np.testing.assert_array_equal(y, ref, err_msg=f"M={M} zp={with_zp} bias={with_bias}")
 
 
-@pytest.mark.parametrize("cuda_path", ["decode", "prefill128", "prefill64"], indirect=True)
+@pytest.mark.parametrize("cuda_path", ["decode", "decode_v4", "prefill128", "prefill64"], indirect=True)
 @pytest.mark.parametrize("K,N,G", [(576, 40, 128), (100, 24, 32), (80, 11, 16), (512, 9, 256)])
 def test_both_kernels_small_m(K, N, G, cuda_path):
     """M <= 16 through the decode kernel and through both prefill kernels (split-K)."""

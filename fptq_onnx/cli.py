@@ -82,6 +82,8 @@ def convert(
     opt: Annotated[Optional[list[str]], typer.Option(help="Method-specific KEY=VALUE (repeatable), e.g. --opt alpha=0.8.")] = None,
     force: Annotated[bool, typer.Option(help="Overwrite existing outputs.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (.bin) weights, which can run code.")] = False,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Process one decoder layer at a time from the safetensors files (for models larger than memory); default: stream when the whole model would not fit in --max-memory.")] = None,
+    max_memory: Annotated[Optional[str], typer.Option(help="Memory budget, e.g. 20GB (default: 90% of RAM): decides auto-streaming; streaming refuses settings estimated above it.")] = None,
 ) -> None:
     """Calibrate, apply the quantization method, export and write the quantized ONNX model(s)."""
     from fptq_onnx.calibration import CalibrationConfig
@@ -104,7 +106,7 @@ def convert(
                                       data_dir=data_dir),
         extra_options=_key_values(opt or []),
         verify=verify, tolerance=tolerance, ppl_windows=ppl_windows, data_dir=data_dir, force=force,
-        allow_pickle=allow_pickle,
+        allow_pickle=allow_pickle, stream=stream, max_memory=max_memory,
     )
     convert_command(model, out, options)
 

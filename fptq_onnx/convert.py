@@ -49,6 +49,8 @@ class ConvertOptions:
     force: bool = False
     allow_pickle: bool = False
     progress: bool = True
+    stream: bool | None = None  # layer-streaming path (streaming.py); None = when the model would not fit
+    max_memory: str | None = None  # '20GB': the budget auto-streaming and the streaming check use
 
 
 def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
@@ -57,6 +59,14 @@ def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
 
 
 def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -> dict[str, dict]:
+    from fptq_onnx import streaming
+
+    max_memory = streaming.parse_memory(options.max_memory)
+    stream = options.stream
+    if stream is None:
+        stream = streaming.should_stream(model_arg, options, max_memory)
+    if stream:
+        return streaming.stream_convert(model_arg, out, options, max_memory)
     start = time.perf_counter()
     algorithm = algorithms.get(options.method)
     config = algorithms.make_config(algorithm, options.algorithm_options, options.extra_options)

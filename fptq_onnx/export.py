@@ -131,8 +131,13 @@ def _eager_attention(model: torch.nn.Module):
         config._attn_implementation = previous
 
 
-def canonicalize(ir_model: ir.Model, model: torch.nn.Module, spec: ArchSpec) -> None:
-    """Give every decoder linear and norm its own canonically named initializer."""
+def canonicalize(ir_model: ir.Model, model: torch.nn.Module, spec: ArchSpec, weight_of=None) -> None:
+    """Give every decoder linear and norm its own canonically named initializer.
+
+    `weight_of(param_name)` supplies the values (default: the model's parameters);
+    the streaming export passes one that returns placeholders for linear weights
+    (an `ir` tensor of the [K, N] shape, used as is) and real norm weights.
+    """
     graph = ir_model.graph
     linear_names = {
         name
@@ -144,6 +149,10 @@ def canonicalize(ir_model: ir.Model, model: torch.nn.Module, spec: ArchSpec) -> 
         name for name, _ in model.named_modules() if name.endswith(norm_suffixes) and name.startswith(spec.layers_path)
     }
     params = dict(model.named_parameters())
+    if weight_of is None:
+        def weight_of(name: str):
+            value = params[name].detach().numpy()
+            return value.T.copy() if value.ndim == 2 else value.copy()  # linears as [K, N]
     seen_linears: set[str] = set()
     seen_norms: set[str] = set()
     for node in list(ir.traversal.RecursiveGraphIterator(graph)):
@@ -155,8 +164,7 @@ def canonicalize(ir_model: ir.Model, model: torch.nn.Module, spec: ArchSpec) -> 
                 raise FptqError(f"export produced two MatMuls for {scope}; cannot name them")
             seen_linears.add(scope)
             node.name = scope
-            weight = params[f"{scope}.weight"].detach().numpy().T.copy()  # [K, N]
-            node.replace_input_with(1, _initializer(graph, f"{scope}.weight", weight))
+            node.replace_input_with(1, _initializer(graph, f"{scope}.weight", weight_of(f"{scope}.weight")))
         elif node.op_type == "Mul" and scope in norm_names:
             for index, value in enumerate(node.inputs):
                 if value is not None and value.const_value is not None and value.const_value.shape.numpy() == (
@@ -164,8 +172,7 @@ def canonicalize(ir_model: ir.Model, model: torch.nn.Module, spec: ArchSpec) -> 
                 ):
                     seen_norms.add(scope)
                     node.name = scope
-                    norm_weight = params[f"{scope}.weight"].detach().numpy().copy()
-                    node.replace_input_with(index, _initializer(graph, f"{scope}.weight", norm_weight))
+                    node.replace_input_with(index, _initializer(graph, f"{scope}.weight", weight_of(f"{scope}.weight")))
     missing = sorted(linear_names - seen_linears) + sorted(norm_names - seen_norms)
     if missing:
         raise FptqError(f"export lost track of {len(missing)} modules (e.g. {missing[0]}); architecture not supported")
@@ -191,11 +198,13 @@ def _module_scope(node: ir.Node, modules: set[str]) -> str | None:
     return None
 
 
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+def _initializer(graph: ir.Graph, name: str, array) -> ir.Value:
+    """An initializer from a numpy array, or from an `ir` tensor (e.g. a streaming placeholder) as is."""
     if name in graph.initializers:
         raise FptqError(f"duplicate initializer {name}")
-    value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(ir.DataType.FLOAT),
-                     const_value=ir.tensor(array, name=name))
+    tensor = ir.tensor(array, name=name) if isinstance(array, np.ndarray) else array
+    value = ir.Value(name=name, shape=ir.Shape(tensor.shape), type=ir.TensorType(ir.DataType.FLOAT),
+                     const_value=tensor)
     graph.register_initializer(value)
     return value
 

@@ -1,0 +1,190 @@
+"""ONNX export without the float weights in memory, for the layer-streaming convert.
+
+Graph structure. The model is built on PyTorch's meta device (shapes, no data) and
+exported by the same dynamo exporter, wrapper, opset and example shapes as
+`export.export_float`, with meta example inputs. The exporter's optimizer is run
+afterwards by us instead of inside `torch.onnx.export`, because it would fold
+`Transpose(weight)` for every linear and so read every weight. Before it runs:
+
+- every decoder linear's weight becomes a *placeholder*: an `ir.ExternalTensor`
+  with the right dtype and shape and a location that does not exist, so nothing
+  can read it by accident (and our `should_fold` keeps the optimizer off it);
+- every other initializer (embeddings, lm_head, norms, biases, rotary inv_freq)
+  gets its real value from the checkpoint (`values(name)`): these are small next to
+  the decoder linears (the embedding and lm_head of a 7B model are 0.5 GB each).
+
+`export.canonicalize` then names the graph exactly as for the in-memory export:
+MatMul B of each decoder linear is the placeholder `<module>.weight` [K, N], norm
+weights are `<norm>.weight`. The result is structurally the model `export_float`
+writes (same nodes up to the optimizer's pass order), without a single linear weight.
+
+Weights. `ExternalDataWriter.spill(graph)` moves every in-memory initializer of at
+least 1 KiB into the model's external-data file and replaces it by an
+`ir.ExternalTensor` pointing there; the streaming convert fills one layer's
+initializers (quantized by the graph passes), spills them and frees them before the
+next layer, so the ONNX file grows layer by layer and the model is never whole in
+memory. Saving then writes only the (small) graph proto.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from fptq_onnx.errors import FptqError
+from fptq_onnx.models.registry import ArchSpec
+
+PLACEHOLDER = "fptq-streaming-placeholder"
+_WRAPPER_PREFIX = "lm."
+
+
+def placeholder(name: str, shape: tuple[int, ...], dtype: ir.DataType = ir.DataType.FLOAT) -> ir.ExternalTensor:
+    """A tensor with a shape and dtype but no data (reading it fails loudly)."""
+    length = int(np.prod(shape)) * dtype.itemsize
+    return ir.ExternalTensor(f"{PLACEHOLDER}/{name}", 0, length, dtype, shape=ir.Shape(shape), name=name,
+                             base_dir=os.devnull)
+
+
+def is_placeholder(tensor) -> bool:
+    return isinstance(tensor, ir.ExternalTensor) and str(tensor.location).startswith(PLACEHOLDER)
+
+
+def zero_weight(shape: tuple[int, ...]) -> ir.Tensor:
+    """A [K, N] float weight of zeros that takes no memory (a zero-stride view).
+
+    The fold pass multiplies planned linears' float weights by s before the weight
+    pass replaces them with the plan's quantized ones; the float values themselves
+    are never used for a planned linear, so they need not exist.
+    """
+    return ir.tensor(np.broadcast_to(np.float32(0.0), shape))
+
+
+def export_structure(skeleton: torch.nn.Module, spec: ArchSpec, values: Callable[[str], np.ndarray],
+                     linear_names: set[str]) -> ir.Model:
+    """The canonical float graph of a meta-device model; see the module docstring.
+
+    values(param_or_buffer_name) -> real array for every non-linear initializer;
+    linear_names: the decoder linears (module names), whose weights stay placeholders.
+    """
+    import onnxscript.optimizer
+    from torch.export import Dim
+
+    from fptq_onnx.export import (
+        OPSET,
+        KVCacheWrapper,
+        _eager_attention,
+        _name_dims,
+        _quiet_loggers,
+        canonicalize,
+        example_inputs,
+    )
+
+    config = skeleton.config
+    layers = config.num_hidden_layers
+    wrapper = KVCacheWrapper(skeleton).eval()
+    dim = Dim.DYNAMIC
+    dynamic_shapes = {
+        "input_ids": {0: dim, 1: dim},
+        "attention_mask": {0: dim, 1: dim},
+        "position_ids": {0: dim, 1: dim},
+        "past": tuple({0: dim, 2: dim} for _ in range(2 * layers)),
+    }
+    inputs = tuple(t.to("meta") for t in example_inputs(config))
+    with warnings.catch_warnings(), _quiet_loggers(), torch.no_grad(), _eager_attention(skeleton):
+        warnings.simplefilter("ignore")
+        try:
+            program = torch.onnx.export(
+                wrapper, inputs, dynamic_shapes=dynamic_shapes, dynamo=True, opset_version=OPSET,
+                input_names=list(spec.io_inputs) + spec.past_names(layers),
+                output_names=["logits"] + spec.present_names(layers), optimize=False, verbose=False,
+            )
+        except Exception as exc:  # the exporter raises many types; the user needs one line
+            raise FptqError(f"torch.onnx.export failed for {config.model_type}: {str(exc).splitlines()[0]}") from exc
+    model = program.model
+    weights = {f"{name}.weight" for name in linear_names}
+    for name, value in model.graph.initializers.items():
+        key = name[len(_WRAPPER_PREFIX):] if name.startswith(_WRAPPER_PREFIX) else name
+        shape = tuple(int(d) for d in value.shape)
+        if key in weights:
+            value.const_value = placeholder(name, shape)
+        else:
+            array = values(key)
+            if tuple(array.shape) != shape:
+                raise FptqError(f"checkpoint tensor {key} has shape {tuple(array.shape)}, the model expects {shape}")
+            value.const_value = ir.tensor(np.ascontiguousarray(array), name=name)
+
+    def should_fold(node: ir.Node) -> bool | None:
+        if any(v is not None and is_placeholder(v.const_value) for v in node.inputs):
+            return False
+        return None
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        onnxscript.optimizer.optimize_ir(model, should_fold=should_fold)
+
+    def weight_of(param: str):
+        if param in weights:
+            n, k = skeleton.get_submodule(param[: -len(".weight")]).weight.shape
+            return placeholder(param, (k, n))
+        return np.ascontiguousarray(values(param)).astype(np.float32)
+
+    canonicalize(model, skeleton, spec, weight_of)
+    _name_dims(model, spec, layers)
+    model.producer_name = "fptq-onnx"
+    leftover = [n for n, v in model.graph.initializers.items() if is_placeholder(v.const_value) and n not in weights]
+    if leftover:
+        raise FptqError(f"streaming export kept a weight outside the decoder linears ({leftover[0]}); "
+                        "architecture not supported by --stream")
+    return model
+
+
+class ExternalDataWriter:
+    """Appends initializer data to one external-data file and points the graph at it."""
+
+    ALIGN = 4096
+    MIN_BYTES = 1024  # smaller initializers stay inside the proto, like saving.save_model
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.file = open(self.path, "wb")
+        self.offset = 0
+
+    def spill(self, graph: ir.Graph) -> int:
+        """Write every in-memory initializer >= MIN_BYTES; returns the bytes written."""
+        written = 0
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.MIN_BYTES:
+                continue
+            data = tensor.tobytes()
+            pad = -self.offset % self.ALIGN
+            if pad:
+                self.file.write(b"\0" * pad)
+                self.offset += pad
+            self.file.write(data)
+            value.const_value = ir.ExternalTensor(
+                self.path.name, self.offset, len(data), tensor.dtype, shape=tensor.shape, name=name,
+                base_dir=str(self.path.parent),
+            )
+            self.offset += len(data)
+            written += len(data)
+            del data
+        self.file.flush()
+        return written
+
+    def close(self) -> None:
+        if not self.file.closed:
+            self.file.close()
+
+
+def check_complete(graph: ir.Graph) -> None:
+    """No placeholder may reach the saved model."""
+    missing = [n for n, v in graph.initializers.items() if is_placeholder(v.const_value)]
+    if missing:
+        raise FptqError(f"streaming export left {len(missing)} weights unfilled (e.g. {missing[0]})")

@@ -14,20 +14,28 @@ import torch
 from tqdm import tqdm
 
 from fptq_onnx.errors import FptqError
+from fptq_onnx.leakage import corpus_identity, is_evaluation_text
 from fptq_onnx.models.registry import ArchSpec
 
 RANDOM_SOURCE = "random"
+C4_SOURCE = "c4"
 WIKITEXT2_SOURCE = "wikitext2"
 AUTO_SOURCE = "auto"
+C4_TRAIN_FILE = "c4-train.jsonl"
+# Calibration corpora known by name: source -> file in the data dir. C4 train is what GPTQ, AWQ,
+# SmoothQuant and QServe calibrate on; WikiText-2 (test: there is no train split here) overlaps the
+# evaluation text and is kept only for reproducing older runs.
+NAMED_SOURCES = {C4_SOURCE: C4_TRAIN_FILE, WIKITEXT2_SOURCE: "wikitext-2-raw-test.txt"}
 
 
 @dataclass(frozen=True)
 class CalibrationConfig:
     """Where calibration tokens come from and how many.
 
-    source: 'wikitext2' (from the data dir), 'random' (data-free random vocabulary
+    source: 'c4' (C4 train from the data dir), 'wikitext2' (the WikiText-2 *test* text:
+    overlaps evaluation, warned and recorded), 'random' (data-free random vocabulary
     tokens; FPTQ's Table 6 found these often as good as text), a .txt/.jsonl file, or
-    'auto': wikitext2 when a data dir is configured, else random.
+    'auto': c4 when the data dir holds it, else random (never evaluation text).
     """
 
     source: str = AUTO_SOURCE
@@ -72,7 +80,16 @@ class Calibration:
     config: CalibrationConfig
 
     def describe(self) -> dict:
-        return {**self.config.describe(), "tokens": int(self.tokens.numel())}
+        """The manifest's record: the config, the token count, and which text was used.
+
+        The text's file name and SHA-256 let `eval`/`compare` refuse to score a
+        perplexity on the very text a model was calibrated on (`leakage.py`).
+        """
+        out = {**self.config.describe(), "tokens": int(self.tokens.numel())}
+        if self.config.source != RANDOM_SOURCE:
+            path = text_path(self.config)
+            out.update(corpus_identity(path), overlaps_eval=is_evaluation_text(path))
+        return out
 
 
 def calibrate(model: torch.nn.Module, spec: ArchSpec, tokenizer, config: CalibrationConfig,
@@ -82,32 +99,34 @@ def calibrate(model: torch.nn.Module, spec: ArchSpec, tokenizer, config: Calibra
     return Calibration(tokens, collect_stats(model, spec, tokens, progress), config)
 
 
-def _text_rows(config: CalibrationConfig) -> list[str]:
-    from fptq_onnx.evaluation.data import WIKITEXT2_FILE, data_file, read_text_rows, resolve_data_dir
+def text_path(config: CalibrationConfig) -> Path:
+    """The file a text source reads: a named corpus in the data dir, or the user's file."""
+    from fptq_onnx.evaluation.data import data_file, resolve_data_dir
 
-    if config.source == WIKITEXT2_SOURCE:
-        return read_text_rows(data_file(resolve_data_dir(config.data_dir), WIKITEXT2_FILE))
+    if config.source in NAMED_SOURCES:
+        return data_file(resolve_data_dir(config.data_dir), NAMED_SOURCES[config.source])
     path = Path(config.source).expanduser()
     if not path.is_file():
         raise FptqError(
-            f"calibration source '{config.source}' is neither 'wikitext2', 'random' nor an existing .txt/.jsonl file"
+            f"calibration source '{config.source}' is neither {', '.join(repr(n) for n in NAMED_SOURCES)}, "
+            "'random' nor an existing .txt/.jsonl file"
         )
-    return read_text_rows(path)
+    return path
 
 
 def resolve_source(config: CalibrationConfig) -> CalibrationConfig:
     """Replace 'auto' by the source actually used (recorded in the manifest)."""
     from dataclasses import replace
 
-    from fptq_onnx.evaluation.data import WIKITEXT2_FILE, resolve_data_dir
+    from fptq_onnx.evaluation.data import resolve_data_dir
 
     if config.source != AUTO_SOURCE:
         return config
     try:
-        has_text = (resolve_data_dir(config.data_dir) / WIKITEXT2_FILE).is_file()
+        has_text = (resolve_data_dir(config.data_dir) / C4_TRAIN_FILE).is_file()
     except FptqError:
         has_text = False
-    return replace(config, source=WIKITEXT2_SOURCE if has_text else RANDOM_SOURCE)
+    return replace(config, source=C4_SOURCE if has_text else RANDOM_SOURCE)
 
 
 def calibration_tokens(config: CalibrationConfig, tokenizer, vocab_size: int) -> torch.Tensor:
@@ -117,7 +136,14 @@ def calibration_tokens(config: CalibrationConfig, tokenizer, vocab_size: int) ->
     gen = torch.Generator().manual_seed(config.seed)
     if config.source == RANDOM_SOURCE:
         return torch.randint(0, vocab_size, (config.samples, config.seqlen), generator=gen)
-    rows = _text_rows(config)
+    from fptq_onnx.evaluation.data import read_text_rows
+    from fptq_onnx.report import say
+
+    path = text_path(config)
+    if is_evaluation_text(path):
+        say(f"warning: calibrating on {path.name}, which is evaluation text: perplexity on it will be optimistic "
+            "(recorded as calibration overlaps_eval in the manifest; use --calib c4)")
+    rows = read_text_rows(path)
     # Enough text for the windows with margin, without tokenizing a whole corpus.
     budget = config.samples * config.seqlen * 8
     text, used = [], 0

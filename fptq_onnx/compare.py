@@ -158,17 +158,12 @@ def _check_tasks(tasks: list[str], data_dir) -> list[str]:
 
 def _check_calibration(calibration: CalibrationConfig, rows) -> CalibrationConfig:
     """'auto' resolved once (what manifests record); a source that cannot work fails now, not after the export."""
-    from fptq_onnx.calibration import RANDOM_SOURCE, WIKITEXT2_SOURCE, resolve_source
-    from fptq_onnx.evaluation.data import WIKITEXT2_FILE, data_file, resolve_data_dir
+    from fptq_onnx.calibration import RANDOM_SOURCE, resolve_source, text_path
 
     calibration = resolve_source(calibration)
     if all(spec.is_float for spec, _, _ in rows) or calibration.source == RANDOM_SOURCE:
         return calibration
-    if calibration.source == WIKITEXT2_SOURCE:
-        data_file(resolve_data_dir(calibration.data_dir), WIKITEXT2_FILE)
-    elif not Path(calibration.source).expanduser().is_file():
-        raise FptqError(f"calibration source '{calibration.source}' is neither 'wikitext2', 'random' nor an existing "
-                        ".txt/.jsonl file")
+    text_path(calibration)
     return calibration
 
 

@@ -92,12 +92,33 @@ class LinearPlan:
 
 
 @dataclass
+class EmbeddingPlan:
+    """An input embedding tied to a quantized linear, quantized with it: int8 rows, one scale per row.
+
+    `weight` is in the tied linear's [K, N] = [hidden, vocab] layout, per output channel,
+    so one channel is one embedding row.
+    """
+
+    name: str  # the embedding module, e.g. model.embed_tokens
+    tied_to: str  # the linear sharing its float weight (lm_head)
+    weight: QuantizedWeight
+
+    def summary(self) -> dict:
+        return {
+            "tied_to": self.tied_to,
+            "weight": f"int{self.weight.bits} per-row {'sym' if self.weight.symmetric else 'asym'}",
+            "shape_vh": list(self.weight.q.shape[::-1]),
+        }
+
+
+@dataclass
 class QuantPlan:
     method: str
     config: dict
     calibration: dict
     linears: dict[str, LinearPlan] = field(default_factory=dict)
     equalizations: list[Equalization] = field(default_factory=list)
+    embedding: EmbeddingPlan | None = None  # set by `--quantize-lm-head` when the embedding is tied
 
     def counts(self) -> dict[str, int]:
         counts: dict[str, int] = {}
@@ -114,10 +135,13 @@ class QuantPlan:
             "method": self.method,
             "config": self.config,
             "calibration": self.calibration,
+            # Top level so that nobody misses it: the calibration text is also evaluated (leakage.py).
+            "calibration_overlaps_eval": bool(self.calibration.get("overlaps_eval", False)),
             "counts": self.counts(),
             **extra,
             "equalizations": [e.summary() for e in self.equalizations],
             "linears": {name: p.summary() for name, p in self.linears.items()},
+            **({"embeddings": {self.embedding.name: self.embedding.summary()}} if self.embedding else {}),
         }
 
 

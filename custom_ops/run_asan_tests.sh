@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Build an AddressSanitizer copy of libfptq_ops.so in a temp dir and run the
-# op tests against it.  Fails on a test failure or on any ASAN report.
+# op tests against it: tests/custom_ops (numerics, bad input) and the op's
+# robustness tests (tests/robustness/test_op_*.py: hostile models, concurrent
+# runs).  Fails on a test failure or on any ASAN report.
 #
 #   custom_ops/run_asan_tests.sh [extra pytest args]
 #
@@ -41,7 +43,7 @@ set +e
 # detect_leaks=0: CPython and onnxruntime (not instrumented) keep allocations alive at exit.
 FPTQ_OPS_LIBRARY="$LIB" LD_PRELOAD="$ASAN_RT${STDCXX:+ $STDCXX}" \
   ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=1:log_path=$WORK/asan/report:symbolize=1" \
-  python3 -m pytest "$ROOT/tests/custom_ops" -q -p no:cacheprovider "$@"
+  python3 -m pytest "$ROOT/tests/custom_ops" "$ROOT"/tests/robustness/test_op_*.py -q -p no:cacheprovider "$@"
 rc=$?
 set -e
 if compgen -G "$WORK/asan/report*" >/dev/null; then

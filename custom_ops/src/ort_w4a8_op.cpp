@@ -132,7 +132,8 @@ class W4A8Kernel {
                  "([N, ceil(K/group_size)])");
       zp_data = zp->GetTensorData<uint8_t>();
     }
-    std::string err = cpu::PackQParams(attrs_, scales.GetTensorData<float>(), zp_data, out);
+    std::string err = ValidateScales(scales.GetTensorData<float>(), attrs_.N, attrs_.n_groups());
+    if (err.empty()) err = cpu::PackQParams(attrs_, scales.GetTensorData<float>(), zp_data, out);
     if (!err.empty()) Fail(err);
   }
 

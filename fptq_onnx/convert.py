@@ -51,6 +51,7 @@ class ConvertOptions:
     progress: bool = True
     stream: bool | None = None  # layer-streaming path (streaming.py); None = when the model would not fit
     max_memory: str | None = None  # '20GB': the budget auto-streaming and the streaming check use
+    quantize_lm_head: bool = False  # plan lm_head (and a tied embedding) too: algorithms/lm_head.py
 
 
 def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
@@ -66,6 +67,8 @@ def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -
     if stream is None:
         stream = streaming.should_stream(model_arg, options, max_memory)
     if stream:
+        if options.quantize_lm_head:
+            raise FptqError("--quantize-lm-head is not supported with --stream yet")
         return streaming.stream_convert(model_arg, out, options, max_memory)
     start = time.perf_counter()
     algorithm = algorithms.get(options.method)
@@ -90,7 +93,13 @@ def make_plan(loaded: LoadedModel, algorithm, config, options: ConvertOptions) -
     with step(f"calibrating ({source}, {options.calibration.samples} x {options.calibration.seqlen} tokens)"):
         calib = calibrate(loaded.model, loaded.spec, loaded.tokenizer, options.calibration, options.progress)
     with step(f"planning ({options.method})"):
-        return algorithm.build_plan(loaded.model, loaded.spec, calib, config)
+        plan = algorithm.build_plan(loaded.model, loaded.spec, calib, config)
+    if options.quantize_lm_head:
+        from fptq_onnx.algorithms.lm_head import add_lm_head
+
+        with step("planning lm_head"):
+            add_lm_head(plan, loaded.model, calib.tokens)
+    return plan
 
 
 def _copy(model: ir.Model) -> ir.Model:

@@ -31,7 +31,8 @@ def apply_plan(model: torch.nn.Module, spec: ArchSpec, plan: QuantPlan, activati
     """A fake-quantized deep copy; `activations=False` gives the weight-only (W4A16) model."""
     model = copy.deepcopy(model)
     modules = dict(model.named_modules())
-    linears = decoder_linears(model, spec)
+    head = model.get_output_embeddings()
+    linears = {**decoder_linears(model, spec), **{n: m for n, m in modules.items() if m is head}}
     with torch.no_grad():
         for eq in plan.equalizations:
             source = modules[eq.source]
@@ -44,7 +45,11 @@ def apply_plan(model: torch.nn.Module, spec: ArchSpec, plan: QuantPlan, activati
                     source.bias.div_(side)
         for name, lp in plan.linears.items():
             if lp.weight is not None:
-                linears[name].weight.copy_(torch.from_numpy(lp.weight.dequantize().T))
+                # A new parameter rather than copy_: a tied lm_head must not rewrite the embedding.
+                linears[name].weight = torch.nn.Parameter(torch.from_numpy(lp.weight.dequantize().T.copy()))
+        if plan.embedding is not None:
+            modules[plan.embedding.name].weight = torch.nn.Parameter(
+                torch.from_numpy(plan.embedding.weight.dequantize().T.copy()))
     if activations:
         for name, lp in plan.linears.items():
             if lp.act_mode == ActMode.STATIC:

@@ -20,6 +20,7 @@ from fptq_onnx.errors import FptqError
 from fptq_onnx.passes.fold_scales import FoldScalesPass
 from fptq_onnx.passes.lower_w4a8 import LowerW4A8Pass
 from fptq_onnx.passes.quantize_activations import QuantizeActivationsPass
+from fptq_onnx.passes.quantize_lm_head import LM_HEAD, QuantizeLmHeadPass
 from fptq_onnx.passes.quantize_weights import QuantizeWeightsPass
 from fptq_onnx.passes.stamp_decisions import StampDecisionsPass
 from fptq_onnx.plan import ActMode, QuantPlan
@@ -29,8 +30,14 @@ def _weights(plan: QuantPlan) -> dict:
     return {n: lp.weight for n, lp in plan.linears.items() if lp.weight is not None}
 
 
+def _lm_head(plan: QuantPlan) -> list[ir.passes.PassBase]:
+    """`--quantize-lm-head`: name the logits MatMul so the passes after it find the planned lm_head."""
+    return [QuantizeLmHeadPass(plan.embedding)] if LM_HEAD in plan.linears else []
+
+
 def qdq_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
     return [
+        *_lm_head(plan),
         FoldScalesPass(plan.equalizations),
         QuantizeWeightsPass(_weights(plan)),
         QuantizeActivationsPass({n: (lp.act_mode, lp.act_scale) for n, lp in plan.linears.items()}),
@@ -48,7 +55,8 @@ def w4a8_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
 
 
 def native_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
-    return [FoldScalesPass(plan.equalizations), QuantizeWeightsPass(_weights(plan)), StampDecisionsPass(plan, "native")]
+    return [*_lm_head(plan), FoldScalesPass(plan.equalizations), QuantizeWeightsPass(_weights(plan)),
+            StampDecisionsPass(plan, "native")]
 
 
 FORMATS: dict[str, Callable[[QuantPlan], list[ir.passes.PassBase]]] = {

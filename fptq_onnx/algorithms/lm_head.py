@@ -1,0 +1,62 @@
+"""`convert --quantize-lm-head`: add the lm_head (and an embedding tied to it) to a method's plan.
+
+The methods plan the decoder linears only and keep the lm_head float, as the paper does. On a
+small model that is most of what decoding reads: SmolLM2-135M's tied 49152 x 576 table is 113 MB
+of fp32 beside 53 MB of int4 layers. The lm_head takes the decoder linears' weight format (bits,
+group size, symmetry; round-to-nearest) and, when they quantize activations, per-token int8
+(its input, the final norm's output, carries outlier channels no per-tensor scale covers), so the
+w4a8 form runs it as one more fptq.W4A8MatMul. A tied embedding becomes int8 rows with a scale
+per row: a lookup reads a few rows, so int8 costs nothing in speed and keeps the input side
+near-lossless. Measured cost and speed: bench/accuracy_smollm2.md, bench/e2e_cpu.md.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fptq_onnx.errors import FptqError
+from fptq_onnx.passes.quantize_lm_head import LM_HEAD
+from fptq_onnx.plan import ActMode, EmbeddingPlan, LinearPlan, QuantPlan
+from fptq_onnx.quant import quantize_groups, quantize_int8_per_channel
+
+# Forward passes spent measuring the lm_head's input range (recorded, not used by per-token).
+RANGE_WINDOWS = 4
+
+
+def add_lm_head(plan: QuantPlan, model: torch.nn.Module, tokens: torch.Tensor) -> None:
+    """Plan `lm_head` like the decoder linears, and a tied embedding as int8 rows."""
+    head = model.get_output_embeddings()
+    names = {module: name for name, module in model.named_modules()}
+    if names.get(head) != LM_HEAD or head.bias is not None:
+        raise FptqError(f"--quantize-lm-head: expected a bias-free output linear named '{LM_HEAD}'")
+    layers = [lp for lp in plan.linears.values() if lp.weight is not None]
+    if not layers:
+        raise FptqError("--quantize-lm-head: the method quantizes no weights to follow")
+    ref = layers[0].weight
+    modes = {lp.act_mode for lp in plan.linears.values()}
+    mode = (ActMode.PER_BLOCK if ActMode.PER_BLOCK in modes
+            else ActMode.PER_TOKEN if modes & {ActMode.STATIC, ActMode.PER_TOKEN} else ActMode.NONE)
+    weight = head.weight.detach().float().numpy().T.copy()  # [K, N]
+    max_abs = _input_max(model, head, tokens[:RANGE_WINDOWS])
+    qw = quantize_groups(weight, ref.group_size, ref.symmetric, ref.bits)
+    strategy = {ActMode.PER_TOKEN: "per_token", ActMode.PER_BLOCK: "per_block", ActMode.NONE: "float"}[mode]
+    plan.linears[LM_HEAD] = LinearPlan(
+        LM_HEAD, strategy, mode, max_abs, max_abs, weight=qw,
+        reason=f"--quantize-lm-head: the layers' weight format ({qw.describe()}), RTN; "
+               f"activations {mode.value} (max|X| {max_abs:.3g} over {len(tokens[:RANGE_WINDOWS])} calibration windows)",
+    )
+    embed = model.get_input_embeddings()
+    if embed.weight is head.weight:
+        plan.embedding = EmbeddingPlan(names[embed], LM_HEAD, quantize_int8_per_channel(weight, symmetric=True))
+
+
+def _input_max(model: torch.nn.Module, head: torch.nn.Module, tokens: torch.Tensor) -> float:
+    seen: list[float] = []
+    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(float(args[0].abs().max())))
+    try:
+        with torch.no_grad():
+            for window in tokens:
+                model(input_ids=window[None])
+    finally:
+        handle.remove()
+    return max(seen)

@@ -1,0 +1,74 @@
+"""`fptq-onnx convert --quantize-lm-head` on the tiny llama checkpoint (tied embedding), through the CLI.
+
+The convert runs its parity check against the torch fake-quant model with the same
+quantized lm_head and int8 embedding (exit 1 if it fails); the tests read what it wrote.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from test_cli import assert_user_error
+from test_convert import CONVERT_ARGS, FORMATS, _paths
+
+
+@pytest.fixture(scope="module")
+def converted(cli, tiny_checkpoint, tiny_onnx, tmp_path_factory):
+    import onnx_ir as ir
+
+    from fptq_onnx import convert
+
+    out = tmp_path_factory.mktemp("lm-head") / "tiny.onnx"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(convert, "export_float", lambda model, spec: ir.load(tiny_onnx["llama"]))
+        result = cli("convert", tiny_checkpoint, out, "--format", ",".join(FORMATS), "--quantize-lm-head",
+                     *CONVERT_ARGS)
+    assert result.code == 0, result.stdout + result.stderr
+    return out
+
+
+def _manifest(path):
+    return json.loads(path.with_name(path.stem + ".manifest.json").read_text())
+
+
+def test_manifest_records_lm_head_and_tied_embedding(converted):
+    for fmt, path in _paths(converted).items():
+        manifest = _manifest(path)
+        head = manifest["linears"]["lm_head"]
+        assert head["act_mode"] == "per_token" and head["weight"]["bits"] == 4, fmt
+        assert head["weight"]["group_size"] == 16 and head["max_abs"] > 0
+        assert manifest["embeddings"]["model.embed_tokens"]["tied_to"] == "lm_head"
+        if fmt != "native":
+            assert manifest["parity"]["metric"] == "noise"
+
+
+def test_w4a8_runs_lm_head_as_the_custom_op_and_gathers_int8_rows(converted):
+    model = onnx.load(_paths(converted)["w4a8"], load_external_data=False)
+    head = next(n for n in model.graph.node if n.name == "lm_head")
+    assert (head.domain, head.op_type) == ("fptq", "W4A8MatMul")
+    assert not any(n.op_type == "MatMul" and n.output[0] == "logits" for n in model.graph.node)
+    rows = next(i for i in model.graph.initializer if i.name == "model.embed_tokens.weight_q")
+    assert rows.data_type == onnx.TensorProto.INT8
+    vocab, hidden = rows.dims
+    tables = [i.name for i in model.graph.initializer
+              if i.data_type == onnx.TensorProto.FLOAT and sorted(i.dims) == sorted([vocab, hidden])]
+    assert tables == []  # neither the embedding table nor the lm_head weight is left in fp32
+
+
+def test_native_lm_head_is_an_int4_dequantize(converted):
+    model = onnx.load(_paths(converted)["native"], load_external_data=False)
+    head = next(n for n in model.graph.node if n.name == "lm_head")
+    dq = next(n for n in model.graph.node if n.output[0] == head.input[1])
+    assert dq.op_type == "DequantizeLinear"
+
+
+def test_generate_on_w4a8_with_quantized_head(cli, converted):
+    result = cli("generate", _paths(converted)["w4a8"], "hello world", "--max-new-tokens", "4", "--no-chat")
+    assert result.code == 0, result.stdout + result.stderr
+
+
+def test_refused_with_stream(cli, tiny_checkpoint, tmp_path):
+    result = cli("convert", tiny_checkpoint, tmp_path / "m.onnx", "--quantize-lm-head", "--stream", *CONVERT_ARGS)
+    assert_user_error(result, "--quantize-lm-head is not supported with --stream", tmp_path, {})

@@ -84,7 +84,6 @@ def convert(
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (.bin) weights, which can run code.")] = False,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Process one decoder layer at a time from the safetensors files (for models larger than memory); default: stream when the whole model would not fit in --max-memory.")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget, e.g. 20GB (default: 90% of RAM): decides auto-streaming; streaming refuses settings estimated above it.")] = None,
-    quantize_lm_head: Annotated[Optional[bool], typer.Option("--quantize-lm-head/--no-quantize-lm-head", help="Quantize lm_head like the decoder linears (per-token int8 activations) and a tied embedding as int8 rows; default: the recipe's (off).")] = None,
 ) -> None:
     """Calibrate, apply the quantization method, export and write the quantized ONNX model(s)."""
     from fptq_onnx.calibration import CalibrationConfig
@@ -94,7 +93,6 @@ def convert(
     from fptq_onnx.algorithms import recipe as named_recipe
 
     method_name, recipe_options = named_recipe(recipe) if recipe else (method or "fptq", {})
-    recipe_lm_head = bool(recipe_options.pop("quantize_lm_head", False))
     if recipe and method and method != method_name:
         raise FptqError(f"--recipe {recipe} is method '{method_name}'; drop --method {method} or the recipe")
     chosen = dict(group_size=group_size, symmetric=None if asym is None else not asym, v0=v0, v1=v1,
@@ -109,7 +107,6 @@ def convert(
         extra_options=_key_values(opt or []),
         verify=verify, tolerance=tolerance, ppl_windows=ppl_windows, data_dir=data_dir, force=force,
         allow_pickle=allow_pickle, stream=stream, max_memory=max_memory,
-        quantize_lm_head=recipe_lm_head if quantize_lm_head is None else quantize_lm_head,
     )
     convert_command(model, out, options)
 
@@ -138,18 +135,20 @@ def inspect(
 @app.command("eval")
 def eval_(
     onnx_model: Annotated[Path, typer.Argument(help="An exported or converted .onnx model (tokenizer beside it).")],
-    task: Annotated[str, typer.Option(help="Comma list: wikitext2, lambada, piqa, arc_easy, winogrande, or a .txt/.jsonl corpus.")] = "wikitext2",
+    task: Annotated[str, typer.Option(help="Comma list: wikitext2, c4, lambada, piqa, arc_easy, winogrande, mmlu, or a local .txt/.jsonl file (a text corpus, or multiple choice detected by its fields).")] = "wikitext2",
     seqlen: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 2048,
-    limit: Annotated[Optional[int], typer.Option(help="At most this many windows / items per task.")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="At most this many items per task (MMLU: per subject) and windows per corpus.")] = None,
+    windows: Annotated[Optional[int], typer.Option(help="Perplexity windows per corpus (default: all; c4: the first 256).")] = None,
+    num_fewshot: Annotated[int, typer.Option(help="MMLU: exemplars per question, the first of each subject (not scored).")] = 0,
     data_dir: Annotated[Optional[str], typer.Option(help="Data dir; default $FPTQ_DATA_DIR.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = ORT default).")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
 ) -> None:
-    """Evaluate through ONNX Runtime: perplexity and zero-shot tasks; prints JSON."""
+    """Evaluate through ONNX Runtime: perplexity, zero-shot tasks and MMLU; prints JSON."""
     from fptq_onnx.evaluation_cli import run_eval
 
     run_eval(onnx_model, [t.strip() for t in task.split(",") if t.strip()], seqlen, limit, data_dir,
-             threads or None, json_out)
+             threads or None, json_out, windows, num_fewshot)
 
 
 @app.command()
@@ -157,7 +156,7 @@ def compare(
     model: ModelArg = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the models, results.json, comparison.md/.png.")] = Path("compare"),
     methods: Annotated[str, typer.Option(help="Comma list of NAME[:key=value,...]; fp32 is the float baseline.")] = "fp32,rtn,ort-acc4,smoothquant,gptq,awq,fptq",
-    tasks: Annotated[str, typer.Option(help="Comma list: wikitext2, lambada, piqa, arc_easy, winogrande, or .txt/.jsonl files.")] = "wikitext2,lambada,piqa,winogrande,arc_easy",
+    tasks: Annotated[str, typer.Option(help="Comma list: wikitext2, c4, lambada, piqa, arc_easy, winogrande, mmlu, or local .txt/.jsonl files.")] = "wikitext2,lambada,piqa,winogrande,arc_easy",
     limit: Annotated[Optional[int], typer.Option(help="At most this many perplexity windows (and task items unless --item-limit).")] = None,
     item_limit: Annotated[Optional[int], typer.Option(help="At most this many items per zero-shot task.")] = None,
     seqlen: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 2048,

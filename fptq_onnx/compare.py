@@ -24,6 +24,7 @@ from pathlib import Path
 from fptq_onnx import algorithms
 from fptq_onnx.calibration import CalibrationConfig
 from fptq_onnx.errors import FptqError
+from fptq_onnx.evaluation import is_perplexity_task
 from fptq_onnx.report import say, step
 
 FLOAT_METHOD = "fp32"
@@ -31,15 +32,6 @@ RESULTS_FILE = "results.json"
 TABLE_FILE = "comparison.md"
 PLOT_FILE = "comparison.png"
 MODEL_FILE = "model.onnx"
-
-# Task -> the metrics shown in the table: (result key, column title).
-TASK_COLUMNS: dict[str, list[tuple[str, str]]] = {
-    "wikitext2": [("perplexity", "WikiText-2 ppl")],
-    "lambada_openai": [("acc", "LAMBADA acc")],
-    "piqa": [("acc", "PIQA acc"), ("acc_norm", "PIQA acc_norm")],
-    "arc_easy": [("acc", "ARC-e acc"), ("acc_norm", "ARC-e acc_norm")],
-    "winogrande": [("acc", "WinoGrande acc")],
-}
 
 ACT_NAMES = {
     "none": "float (A16)",
@@ -142,18 +134,15 @@ def _check_methods(texts: list[str]) -> list[tuple[MethodSpec, object, object]]:
 def _check_tasks(tasks: list[str], data_dir) -> list[str]:
     from fptq_onnx.evaluation import known_tasks
     from fptq_onnx.evaluation.data import resolve_data_dir
-    from fptq_onnx.evaluation.tasks import ALIASES
+    from fptq_onnx.evaluation.registry import canonical_name, resolve_task
 
     if not tasks:
         raise FptqError(f"no tasks given; known tasks: {', '.join(known_tasks())}")
-    names = []
-    for task in tasks:
-        if not (task in known_tasks() or task in ALIASES or task.endswith((".txt", ".jsonl"))):
-            raise FptqError(f"unknown task {task!r}; known tasks: {', '.join(known_tasks())}"
-                            " (or a local .txt/.jsonl corpus for perplexity)")
-        names.append(ALIASES.get(task, task))
+    names = list(dict.fromkeys(canonical_name(task) for task in tasks))
     resolve_data_dir(data_dir)  # a missing data dir fails now, not after the first conversion
-    return list(dict.fromkeys(names))
+    for name in names:
+        resolve_task(name, data_dir)  # so does a missing file or a local file of no known schema
+    return names
 
 
 def _check_calibration(calibration: CalibrationConfig, rows) -> CalibrationConfig:
@@ -290,16 +279,18 @@ def write_atomic(path: Path, text: str) -> None:
 
 def table_columns(tasks: list[str]) -> list[tuple[str, str, str]]:
     """(task, metric key, title) for every task, in the order run."""
+    from fptq_onnx.evaluation import task_columns
+
     cols = []
     for task in tasks:
-        for key, title in TASK_COLUMNS.get(task, [("perplexity", f"{Path(task).name} ppl")]):
+        for key, title in task_columns(task):
             cols.append((task, key, title))
     return cols
 
 
 def _ppl_task(tasks: list[str]) -> str | None:
     return next((t for t in tasks if t == "wikitext2"), None) or next(
-        (t for t in tasks if t.endswith((".txt", ".jsonl"))), None)
+        (t for t in tasks if is_perplexity_task(t)), None)
 
 
 def _metric(entry: dict, task: str, key: str) -> float | None:
@@ -544,10 +535,6 @@ def compare_command(
     say(f"compared {len(rows)} methods in {time.perf_counter() - start:.0f} s; wrote {out_dir / RESULTS_FILE}, "
         f"{TABLE_FILE}, {PLOT_FILE}")
     return out_dir / TABLE_FILE
-
-
-def is_perplexity_task(task: str) -> bool:
-    return task == "wikitext2" or task.endswith((".txt", ".jsonl"))
 
 
 def _evaluate(evaluate, scorer, tokenizer, tasks, data_dir, seqlen, limit, item_limit, max_length, progress) -> dict:

@@ -24,7 +24,8 @@ def model_max_length(onnx_path: Path) -> int | None:
 
 
 def run_eval(onnx_path: Path, tasks: list[str], seqlen: int, limit: int | None, data_dir: str | None,
-             threads: int | None, json_out: Path | None) -> dict:
+             threads: int | None, json_out: Path | None, windows: int | None = None, num_fewshot: int = 0) -> dict:
+    """Score the model on every task; print the JSON report (per task: metrics, n, seconds, items/s)."""
     from fptq_onnx.evaluation import evaluate
 
     if json_out is not None and not Path(json_out).parent.is_dir():
@@ -33,9 +34,10 @@ def run_eval(onnx_path: Path, tasks: list[str], seqlen: int, limit: int | None, 
     tokenizer = load_onnx_tokenizer(onnx_path)
     start = time.perf_counter()
     results = evaluate(lm, tokenizer, tasks, data_dir=data_dir, seqlen=seqlen, limit=limit,
-                       max_length=model_max_length(onnx_path), progress=True)
-    report = {"model": str(onnx_path), "seqlen": seqlen, "limit": limit, "seconds": round(time.perf_counter() - start, 1),
-              "results": results}
+                       max_length=model_max_length(onnx_path), progress=True, windows=windows,
+                       num_fewshot=num_fewshot)
+    report = {"model": str(onnx_path), "seqlen": seqlen, "limit": limit, "windows": windows,
+              "num_fewshot": num_fewshot, "seconds": round(time.perf_counter() - start, 1), "results": results}
     text = json.dumps(report, indent=2)
     print(text)
     if json_out is not None:

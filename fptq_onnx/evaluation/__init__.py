@@ -1,53 +1,52 @@
-"""Evaluation of a model given only as a logits scorer: perplexity and zero-shot tasks.
+"""Evaluation of a model given only as a logits scorer: perplexity, zero-shot tasks, MMLU.
 
 The model is a *scorer*, ``scorer(input_ids int64 [1, T]) -> logits float32
 [1, T, V]``, so the same code evaluates the PyTorch reference, the fp32 ONNX
 export and the quantized ONNX model, and their numbers differ only by the model.
+A scorer that also continues from a KV cache (:class:`.scoring.CachedLM`, as
+:class:`fptq_onnx.runtime.OnnxCausalLM` does) scores each item's choices in one
+batch over a shared prefix; the numbers are the same.
 
-Task names accepted by :func:`evaluate`:
+Task names accepted by :func:`evaluate` (the table is :mod:`.registry`):
 
-* ``wikitext2`` -- windowed perplexity of ``<data_dir>/wikitext-2-raw-test.txt``;
-* any name ending in ``.txt`` / ``.jsonl`` -- perplexity of that local corpus
-  (e.g. a C4 shard), relative to the data dir or absolute;
-* the registered zero-shot tasks in :data:`tasks.TASKS`
-  (``lambada_openai`` (alias ``lambada``), ``piqa``, ``arc_easy``, ``winogrande``).
+* ``wikitext2`` / ``c4`` -- windowed perplexity (C4 by the GPTQ protocol: documents
+  joined with spaces, the first 256 windows);
+* ``lambada_openai`` (alias ``lambada``), ``piqa``, ``arc_easy``, ``winogrande``,
+  ``mmlu`` (0- or k-shot, per-subject and averaged);
+* any name ending in ``.txt`` / ``.jsonl``: a local file, relative to the data
+  dir or absolute, scored by the schema its fields fit (a ``{"text"}`` corpus ->
+  perplexity; ``{"query", "choices", "gold"}`` or cais/mmlu ``{"question",
+  "choices", "answer"}`` -> accuracy; ...).
 """
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import time
 from typing import Any
 
 from fptq_onnx.errors import FptqError
-from fptq_onnx.evaluation.data import ENV_VAR, resolve_data_dir
-from fptq_onnx.evaluation.perplexity import Scorer, perplexity_of_file, wikitext2_perplexity
-from fptq_onnx.evaluation.tasks import ALIASES, TASKS, get_task
+from fptq_onnx.evaluation.data import ENV_VAR, describe_fields
+from fptq_onnx.evaluation.perplexity import Scorer
+from fptq_onnx.evaluation.registry import MMLU, TASKS, canonical_name, known_tasks, resolve_task, task_spec
+from fptq_onnx.evaluation.tasks import RunOptions
 
-PERPLEXITY_TASKS = ("wikitext2",)
-
-__all__ = ["ENV_VAR", "PERPLEXITY_TASKS", "Scorer", "TASKS", "evaluate", "known_tasks"]
-
-
-def known_tasks() -> list[str]:
-    """Every task name :func:`evaluate` accepts (besides local ``.txt``/``.jsonl`` corpora)."""
-    return [*PERPLEXITY_TASKS, *TASKS]
+__all__ = ["ENV_VAR", "Scorer", "TASKS", "evaluate", "is_perplexity_task", "known_tasks", "task_columns"]
 
 
-def _is_corpus_file(name: str) -> bool:
-    return name.endswith((".txt", ".jsonl"))
+def is_perplexity_task(name: str) -> bool:
+    """Whether ``name`` (registered or a local file) is scored by perplexity over windows."""
+    return task_spec(name).schema.is_perplexity
 
 
-def _canonical_names(names: list[str]) -> list[str]:
-    """Validate every task name (resolving aliases) before any slow scoring starts."""
-    for name in names:
-        if name in PERPLEXITY_TASKS or _is_corpus_file(name) or name in TASKS or name in ALIASES:
-            continue
-        raise FptqError(
-            f"unknown task {name!r}; known tasks: {', '.join(known_tasks())}"
-            " (or a local .txt/.jsonl corpus for perplexity)"
-        )
-    return [ALIASES.get(n, n) for n in names]
+def task_columns(name: str) -> list[tuple[str, str]]:
+    """(result key, column title) of the metrics a table shows for task ``name``."""
+    return task_spec(name).columns
+
+
+def _positive(what: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise FptqError(f"{what} must be at least 1, got {value}")
 
 
 def evaluate(
@@ -59,34 +58,43 @@ def evaluate(
     limit: int | None = None,
     max_length: int | None = None,
     progress: bool = True,
-) -> dict[str, dict[str, float | int]]:
-    """Run ``tasks`` and return JSON-able ``{task: {metric: value, ..., "n": count}}``.
+    windows: int | None = None,
+    num_fewshot: int = 0,
+) -> dict[str, dict[str, Any]]:
+    """Run ``tasks`` and return JSON-able ``{task: {metric: value, ..., "n": count, "seconds", rate}}``.
 
-    ``data_dir`` falls back to ``$FPTQ_DATA_DIR``. ``limit`` caps the number of
-    windows (perplexity) or items (tasks) per task, for quick runs. ``seqlen``
-    is the perplexity window; ``max_length`` is the model's maximum context
-    (tasks truncate their context from the left to fit it; a ``seqlen`` above it
-    is an error). Names, the data dir and ``seqlen`` are all checked before the
-    first task runs, so a typo fails in a second rather than after an hour.
+    ``data_dir`` falls back to ``$FPTQ_DATA_DIR``. ``limit`` caps the items per
+    task (MMLU: per subject) and the windows per corpus; ``windows`` sets a
+    corpus's window count (default: all; C4: 256). ``seqlen`` is the perplexity
+    window; ``max_length`` is the model's maximum context (tasks truncate their
+    context from the left to fit it; a ``seqlen`` above it is an error).
+    ``num_fewshot`` applies to MMLU-schema tasks. Names, files, schemas and
+    options are all checked before the first task runs, so a typo fails in a
+    second rather than after an hour. Each result also carries its wall time and
+    rate (``items_per_s``, or ``windows_per_s`` for a corpus).
     """
-    plan = _canonical_names(list(tasks))
-    if not plan:
+    if not tasks:
         raise FptqError(f"no tasks given; known tasks: {', '.join(known_tasks())}")
-    wants_ppl = any(n in PERPLEXITY_TASKS or _is_corpus_file(n) for n in plan)
-    if wants_ppl and max_length is not None and seqlen > max_length:
+    names = list(dict.fromkeys(canonical_name(t) for t in tasks))  # every name checked before any file
+    resolved = [resolve_task(name, data_dir) for name in names]
+    _positive("limit", limit)
+    _positive("windows", windows)
+    if num_fewshot < 0:
+        raise FptqError(f"--num-fewshot must be >= 0, got {num_fewshot}")
+    if num_fewshot and not any(spec.schema is MMLU for spec, _ in resolved):
+        raise FptqError(f"--num-fewshot applies to MMLU-schema tasks (mmlu, or a file of {describe_fields(MMLU.fields)}); "
+                        f"none of {', '.join(names)} is one")
+    if any(spec.schema.is_perplexity for spec, _ in resolved) and max_length is not None and seqlen > max_length:
         raise FptqError(
             f"seqlen {seqlen} is larger than the model's maximum context {max_length}; pass a smaller --seqlen"
         )
-    needs_dir = any(not (_is_corpus_file(n) and Path(n).expanduser().is_absolute()) for n in plan)
-    root = resolve_data_dir(data_dir) if needs_dir else None
-
-    results: dict[str, dict[str, float | int]] = {}
-    for name in plan:
-        if name == "wikitext2":
-            results[name] = wikitext2_perplexity(scorer, tokenizer, root, seqlen, limit, max_length, progress)
-        elif _is_corpus_file(name):
-            results[name] = perplexity_of_file(scorer, tokenizer, name, seqlen, limit, max_length, progress, root)
-        else:
-            assert root is not None
-            results[name] = get_task(name)(scorer, tokenizer, root, limit, max_length, progress)
+    opts = RunOptions(seqlen=seqlen, limit=limit, windows=windows, max_length=max_length, progress=progress,
+                      num_fewshot=num_fewshot)
+    results: dict[str, dict[str, Any]] = {}
+    for spec, path in resolved:
+        start = time.perf_counter()
+        result = spec.schema.run(scorer, tokenizer, path, spec, opts)
+        seconds = time.perf_counter() - start
+        rate = "windows_per_s" if spec.schema.is_perplexity else "items_per_s"
+        results[spec.name] = {**result, "seconds": round(seconds, 2), rate: round(result["n"] / seconds, 3)}
     return results

@@ -57,21 +57,24 @@ def _type_ok(value: Any, expected: type) -> bool:
     return isinstance(value, expected)
 
 
-def _describe(fields: FieldSpec) -> str:
+def describe_fields(fields: FieldSpec) -> str:
     names = {str: "str", int: "int", list: "list[str]"}
     return "{" + ", ".join(f'"{k}": {names.get(t, t.__name__)}' for k, t in fields.items()) + "}"
 
 
 def read_jsonl(
-    path: Path, fields: FieldSpec, limit: int | None = None, check: ItemCheck | None = None
+    path: Path, fields: FieldSpec, limit: int | None = None, check: ItemCheck | None = None,
+    optional: FieldSpec | None = None,
 ) -> list[dict[str, Any]]:
     """Read up to ``limit`` items of a jsonl file, validating every item read.
 
-    Blank lines are skipped. Extra fields are allowed (and dropped). ``check``
-    may add a semantic test (e.g. gold index in range) returning an error text.
+    Blank lines are skipped. ``optional`` fields are kept (and type-checked) where
+    present; other extra fields are allowed and dropped. ``check`` may add a
+    semantic test (e.g. gold index in range) returning an error text.
     """
+    optional = optional or {}
     items: list[dict[str, Any]] = []
-    expected = _describe(fields)
+    expected = describe_fields(fields)
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
             if limit is not None and len(items) >= limit:
@@ -86,9 +89,10 @@ def read_jsonl(
             if not isinstance(obj, dict):
                 raise FptqError(f"{where}: not a JSON object; expected {expected}")
             bad = [k for k, t in fields.items() if k not in obj or not _type_ok(obj[k], t)]
+            bad += [k for k, t in optional.items() if k in obj and not _type_ok(obj[k], t)]
             if bad:
                 raise FptqError(f"{where}: missing or wrong-typed field(s) {', '.join(bad)}; expected {expected}")
-            item = {k: obj[k] for k in fields}
+            item = {k: obj[k] for k in [*fields, *optional] if k in obj}
             problem = check(item) if check is not None else None
             if problem:
                 raise FptqError(f"{where}: {problem}; expected {expected}")
@@ -96,6 +100,22 @@ def read_jsonl(
     if not items:
         raise FptqError(f"{path}: no items; expected jsonl lines of {expected}")
     return items
+
+
+def first_row_fields(path: Path) -> set[str]:
+    """Field names of the first non-blank line of a jsonl file (what schema detection looks at)."""
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise FptqError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(obj, dict):
+                raise FptqError(f"{path}:{lineno}: not a JSON object")
+            return set(obj)
+    raise FptqError(f"{path}: no items")
 
 
 def read_text_rows(path: Path) -> list[str]:

@@ -1,17 +1,18 @@
-"""Perplexity over non-overlapping windows (WikiText-2, or a local corpus file).
+"""Perplexity over non-overlapping windows (WikiText-2, C4, or a local corpus file).
 
 Protocol (the GPTQ / AutoGPTQ / llama.cpp-paper convention, so numbers compare
 with published tables):
 
-* rows are joined with ``"\\n\\n"`` and the whole text is tokenized once with no
-  special tokens (nothing prepended);
+* rows are joined (``"\\n\\n"`` for WikiText-2 and local files, ``" "`` for C4
+  documents) and the whole text is tokenized once with no special tokens
+  (nothing prepended);
 * the token stream is cut into ``n_tokens // seqlen`` non-overlapping windows of
   ``seqlen`` tokens; the trailing partial window is dropped;
 * each window is scored independently (no carried context), so every window
   predicts ``seqlen - 1`` tokens;
 * perplexity = exp(mean NLL over all predicted tokens of all windows).
 
-This module also holds the scoring primitives shared with :mod:`.tasks`
+This module also holds the scoring primitives shared with :mod:`.scoring`
 (the scorer type, tokenization, the logits sanity check, log-softmax).
 """
 
@@ -122,7 +123,7 @@ def perplexity_of_text(
         raise FptqError(f"text for {desc} has {len(ids)} tokens, fewer than one window of seqlen {seqlen}")
     total_nll = 0.0
     n_pred = 0
-    for w in tqdm(range(n_windows), desc=desc, unit="win", disable=not progress):
+    for w in tqdm(range(n_windows), desc=desc, unit="window", disable=not progress):
         window = ids[w * seqlen : (w + 1) * seqlen]
         logits = run_scorer(scorer, window)
         lp = token_logprobs(logits[:-1], window[1:])
@@ -141,17 +142,21 @@ def perplexity_of_file(
     max_length: int | None = None,
     progress: bool = False,
     data_dir: str | os.PathLike[str] | None = None,
+    joiner: str = "\n\n",
+    desc: str | None = None,
 ) -> dict[str, float | int]:
     """Perplexity of a local corpus: a ``.txt`` (one row per line) or a ``.jsonl`` with ``"text"``.
 
-    A relative ``path`` is looked up in the data directory (argument or
-    ``$FPTQ_DATA_DIR``); an absolute one is used as is.
+    Rows are joined with ``joiner``: ``"\\n\\n"`` for HF-style rows (WikiText-2),
+    ``" "`` for documents in the GPTQ C4 protocol. A relative ``path`` is looked
+    up in the data directory (argument or ``$FPTQ_DATA_DIR``); an absolute one is
+    used as is.
     """
     p = Path(path).expanduser()
     base = resolve_data_dir(data_dir) if not p.is_absolute() else p.parent
     p = data_file(base, p)
-    text = "\n\n".join(read_text_rows(p))
-    return perplexity_of_text(scorer, tokenizer, text, seqlen, limit, max_length, progress, desc=p.name)
+    text = joiner.join(read_text_rows(p))
+    return perplexity_of_text(scorer, tokenizer, text, seqlen, limit, max_length, progress, desc=desc or p.name)
 
 
 def wikitext2_perplexity(

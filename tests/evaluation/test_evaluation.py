@@ -19,9 +19,9 @@ import pytest
 from fptq_onnx.errors import FptqError
 from fptq_onnx.evaluation import evaluate, known_tasks
 from fptq_onnx.evaluation.perplexity import encode, perplexity_of_file, tokenize_for_windows
-from fptq_onnx.evaluation.tasks import encode_pair, run_task
+from fptq_onnx.evaluation.scoring import encode_pair
 
-ALPHABET = " \n.,:?!='abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+ALPHABET = " \n.,:?!='()abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
 V = len(ALPHABET) + 1  # id 0 is BOS
 
 
@@ -60,6 +60,15 @@ def oracle_scorer(gold_texts: list[str]):
         return out
 
     return scorer
+
+
+def run_task(name: str, scorer, tokenizer, data_dir: Path, **kwargs) -> dict:
+    return evaluate(scorer, tokenizer, [name], data_dir, progress=False, **kwargs)[name]
+
+
+def metrics(result: dict) -> dict:
+    """A task result without its timing (seconds, items/s), which no two runs share."""
+    return {k: v for k, v in result.items() if k not in ("seconds", "items_per_s", "windows_per_s")}
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -153,8 +162,9 @@ def test_oracle_gets_full_accuracy_on_every_task(data_dir: Path) -> None:
     assert res["lambada_openai"]["acc"] == 1.0 and res["lambada_openai"]["n"] == 3
     assert res["lambada_openai"]["perplexity"] == pytest.approx(1.0, abs=1e-6)
     for task in ("piqa", "arc_easy"):
-        assert res[task] == {"acc": 1.0, "acc_norm": 1.0, "n": 3}
-    assert res["winogrande"] == {"acc": 1.0, "n": 2}
+        assert metrics(res[task]) == {"acc": 1.0, "acc_norm": 1.0, "n": 3}
+    assert metrics(res["winogrande"]) == {"acc": 1.0, "n": 2}
+    assert all(res[t]["items_per_s"] > 0 for t in res)
     json.dumps(res)  # JSON-able
 
 
@@ -246,7 +256,7 @@ def test_bad_jsonl_line_reports_file_and_line(tmp_path: Path, line: str, pattern
 def test_unknown_task_lists_known(tmp_path: Path) -> None:
     with pytest.raises(FptqError, match="unknown task 'hellaswag'.*wikitext2.*lambada_openai.*piqa.*arc_easy.*winogrande"):
         evaluate(uniform_scorer, TOK, ["piqa", "hellaswag"], tmp_path, progress=False)
-    assert set(known_tasks()) == {"wikitext2", "lambada_openai", "piqa", "arc_easy", "winogrande"}
+    assert set(known_tasks()) == {"wikitext2", "c4", "lambada_openai", "piqa", "arc_easy", "winogrande", "mmlu"}
 
 
 def test_seqlen_longer_than_model_context(data_dir: Path) -> None:
@@ -285,11 +295,15 @@ def test_every_task_on_real_data_with_tiny_model() -> None:
         with torch.no_grad():
             return model(torch.from_numpy(ids)).logits.float().numpy()
 
-    res = evaluate(scorer, tok, known_tasks(), SHARED_DATA, seqlen=128, limit=5, max_length=256, progress=False)
+    tasks = [t for t in known_tasks() if t != "mmlu"]
+    res = evaluate(scorer, tok, tasks, SHARED_DATA, seqlen=128, limit=5, max_length=256, progress=False)
     json.dumps(res)
-    wt = res["wikitext2"]
-    assert wt["n"] == 5 and wt["tokens"] == 5 * 127
-    assert vocab / 2 < wt["perplexity"] < vocab * 2  # random init ~ uniform
+    for corpus in ("wikitext2", "c4"):
+        assert res[corpus]["n"] == 5 and res[corpus]["tokens"] == 5 * 127
+        assert vocab / 2 < res[corpus]["perplexity"] < vocab * 2  # random init ~ uniform
+    # MMLU: one question per subject (--limit is per subject); a short context keeps the tiny model fast
+    mmlu = evaluate(scorer, tok, ["mmlu"], SHARED_DATA, limit=1, max_length=48, progress=False)["mmlu"]
+    assert mmlu["n"] == len(mmlu["subjects"]) == 57 and 0.0 <= mmlu["acc"] <= 1.0
     for task in ("lambada_openai", "piqa", "arc_easy", "winogrande"):
         assert res[task]["n"] == 5 and 0.0 <= res[task]["acc"] <= 1.0
     assert 0.0 <= res["piqa"]["acc_norm"] <= 1.0 and math.isfinite(res["lambada_openai"]["perplexity"])
@@ -297,3 +311,201 @@ def test_every_task_on_real_data_with_tiny_model() -> None:
     # the limit shortcut tokenizes a prefix; its tokens must equal the full tokenization's
     text = "\n\n".join(l if l.strip() else "" for l in (SHARED_DATA / "wikitext-2-raw-test.txt").read_text().splitlines(True)[:400])
     assert tokenize_for_windows(tok, text, 128, 5)[: 5 * 128] == encode(tok, text)[: 5 * 128]
+
+
+# ---- C4 (GPTQ protocol) -------------------------------------------------------------------------
+
+
+def test_c4_joins_documents_with_spaces_and_stops_at_256_windows(tmp_path: Path) -> None:
+    docs = [{"text": "ab cd"}, {"text": "ef"}] * 300  # 300 * 9 chars joined with spaces: > 256 windows of 8
+    write_jsonl(tmp_path / "c4-validation.jsonl", docs)
+    seen: list[list[int]] = []
+
+    def recording(ids: np.ndarray) -> np.ndarray:
+        seen.append(ids[0].tolist())
+        return uniform_scorer(ids)
+
+    res = run_task("c4", recording, TOK, tmp_path, seqlen=8)
+    joined = TOK(" ".join(d["text"] for d in docs))["input_ids"]
+    assert len(joined) // 8 > 256 and res["n"] == 256 and "windows_per_s" in res
+    assert sum(seen, []) == joined[: 256 * 8]
+    assert run_task("c4", uniform_scorer, TOK, tmp_path, seqlen=8, windows=3)["n"] == 3
+    assert run_task("c4", uniform_scorer, TOK, tmp_path, seqlen=8, windows=300, limit=2)["n"] == 2
+
+
+# ---- MMLU ----------------------------------------------------------------------------------------
+
+MMLU_ROWS = [
+    {"subject": "high_school_physics", "question": f"Question {i}? ", "choices": ["w", "x", "y", "z"], "answer": i % 4}
+    for i in range(6)
+] + [{"subject": "anatomy", "question": f"Bone {i}?", "choices": ["p", "q", "r", "s"], "answer": (i + 1) % 4} for i in range(2)]
+
+
+def mmlu_context(subject: str, shots: list[dict], item: dict) -> str:
+    """The lm-eval MMLU prompt, spelled out independently of the code under test."""
+    def block(row: dict) -> str:
+        return (row["question"].strip() + "\n" + "".join(f"{l}. {c}\n" for l, c in zip("ABCD", row["choices"]))
+                + "Answer:")
+    head = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+    return head + "".join(block(s) + " " + "ABCD"[s["answer"]] + "\n\n" for s in shots) + block(item)
+
+
+def test_mmlu_prompt_is_lm_evals(tmp_path: Path) -> None:
+    from fptq_onnx.evaluation.mmlu import build_context
+
+    row = MMLU_ROWS[1]
+    assert build_context(row["subject"], [], row) == (
+        "The following are multiple choice questions (with answers) about high school physics.\n\n"
+        "Question 1?\nA. w\nB. x\nC. y\nD. z\nAnswer:")
+    assert build_context(row["subject"], MMLU_ROWS[:1], row) == mmlu_context(row["subject"], MMLU_ROWS[:1], row)
+
+
+@pytest.mark.parametrize("k", [0, 1])
+def test_mmlu_oracle_micro_macro_and_subjects(tmp_path: Path, k: int) -> None:
+    """Right on physics, wrong on anatomy: micro and macro averages differ as the subject sizes say."""
+    write_jsonl(tmp_path / "tasks" / "mmlu.jsonl", MMLU_ROWS)
+    groups = {"high_school_physics": MMLU_ROWS[:6], "anatomy": MMLU_ROWS[6:]}
+    texts = []
+    for subject, rows in groups.items():
+        for item in rows[k:]:
+            letter = "ABCD"[item["answer"] if subject != "anatomy" else (item["answer"] + 1) % 4]
+            texts.append(mmlu_context(subject, rows[:k], item) + " " + letter)
+    res = run_task("mmlu", oracle_scorer(texts), TOK, tmp_path, num_fewshot=k)
+    n_phys, n_anat = 6 - k, 2 - k
+    assert res["subjects"] == {"high_school_physics": {"acc": 1.0, "n": n_phys}, "anatomy": {"acc": 0.0, "n": n_anat}}
+    assert res["n"] == n_phys + n_anat and res["num_fewshot"] == k
+    assert res["acc"] == pytest.approx(n_phys / (n_phys + n_anat)) and res["acc_macro"] == pytest.approx(0.5)
+
+
+def test_mmlu_limit_is_per_subject_after_the_exemplars(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "tasks" / "mmlu.jsonl", MMLU_ROWS)
+    contexts: list[str] = []
+    alphabet_ids = {i + 1: c for i, c in enumerate(ALPHABET)}
+
+    def recording(ids: np.ndarray) -> np.ndarray:
+        contexts.append("".join(alphabet_ids[int(i)] for i in ids[0]))
+        return uniform_scorer(ids)
+
+    res = run_task("mmlu", recording, TOK, tmp_path, limit=2, num_fewshot=1)
+    assert {s: v["n"] for s, v in res["subjects"].items()} == {"high_school_physics": 2, "anatomy": 1}
+    assert any(c.startswith(mmlu_context("anatomy", MMLU_ROWS[6:7], MMLU_ROWS[7])) for c in contexts)
+    scored = {c.rsplit("\n\n", 1)[-1].split("\n")[0] for c in contexts}  # the question after the shots
+    assert scored == {"Question 1?", "Question 2?", "Bone 1?"}  # exemplars (Question 0, Bone 0) never scored
+
+
+@pytest.mark.parametrize("tasks, k, pattern", [
+    (["mmlu"], 2, r"subject 'anatomy' has 2 questions; --num-fewshot 2 needs at least 3"),
+    (["piqa"], 5, r"--num-fewshot applies to MMLU-schema tasks.*none of piqa"),
+    (["mmlu"], -1, r"--num-fewshot must be >= 0"),
+])
+def test_mmlu_fewshot_errors(tmp_path: Path, tasks: list[str], k: int, pattern: str) -> None:
+    write_jsonl(tmp_path / "tasks" / "mmlu.jsonl", MMLU_ROWS)
+    write_jsonl(tmp_path / "tasks" / "piqa.jsonl", MC)
+    with pytest.raises(FptqError, match=pattern):
+        evaluate(uniform_scorer, TOK, tasks, tmp_path, num_fewshot=k, progress=False)
+
+
+# ---- local files: schema detected by fields ------------------------------------------------------
+
+
+def test_local_multiple_choice_file_scores_like_piqa(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "tasks" / "piqa.jsonl", MC)
+    mine = write_jsonl(tmp_path / "elsewhere" / "my_task.jsonl", MC)
+    scorer = oracle_scorer(mc_gold_texts(MC[:2]))  # right on two of three
+    res = evaluate(scorer, TOK, ["piqa", str(mine)], tmp_path, progress=False)
+    assert metrics(res[str(mine)]) == metrics(res["piqa"]) and res["piqa"]["acc"] == pytest.approx(2 / 3)
+    assert "items_per_s" in res[str(mine)]
+
+
+def test_local_cais_mmlu_file_with_and_without_subjects(tmp_path: Path) -> None:
+    with_subject = write_jsonl(tmp_path / "mine.jsonl", MMLU_ROWS)
+    rows = [{k: v for k, v in r.items() if k != "subject"} for r in MMLU_ROWS[:3]]
+    plain = write_jsonl(tmp_path / "plain.jsonl", rows)
+    texts = [mmlu_context("", [], r).replace(" about .", ".") + " " + "ABCD"[r["answer"]] for r in rows]
+    res = evaluate(oracle_scorer(texts), TOK, [str(plain), str(with_subject)], None, progress=False)
+    assert "subjects" not in res[str(plain)] and res[str(plain)]["acc"] == 1.0 and res[str(plain)]["n"] == 3
+    assert set(res[str(with_subject)]["subjects"]) == {"high_school_physics", "anatomy"}
+
+
+def test_local_text_files_stay_perplexity(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "corpus.jsonl", [{"text": "abc " * 30, "url": "x"}])
+    (tmp_path / "corpus.txt").write_text("abc " * 30, encoding="utf-8")
+    res = evaluate(uniform_scorer, TOK, ["corpus.jsonl", "corpus.txt"], tmp_path, seqlen=16, progress=False)
+    assert all(r["perplexity"] == pytest.approx(V) and "windows_per_s" in r for r in res.values())
+
+
+def test_local_file_of_unknown_schema_is_one_clear_error(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "q", "answers": ["a"]}])
+    with pytest.raises(FptqError, match=r'odd\.jsonl: fields \{answers, prompt\} fit no known task schema; '
+                                         r'expected one of .*"query": str, "choices": list\[str\], "gold": int.*'
+                                         r'"question": str, "choices": list\[str\], "answer": int') as info:
+        evaluate(uniform_scorer, TOK, ["odd.jsonl"], tmp_path, progress=False)
+    assert "\n" not in str(info.value)
+
+
+def test_local_file_rows_are_checked_against_the_detected_schema(tmp_path: Path) -> None:
+    write_jsonl(tmp_path / "mine.jsonl", [MMLU_ROWS[0], {**MMLU_ROWS[1], "answer": 7}])
+    with pytest.raises(FptqError, match=r'mine\.jsonl:2: "answer" 7 out of range for 4 choices'):
+        evaluate(uniform_scorer, TOK, ["mine.jsonl"], tmp_path, progress=False)
+
+
+def test_table_columns_come_from_the_registry(tmp_path: Path) -> None:
+    from fptq_onnx.compare import table_columns
+    from fptq_onnx.evaluation import is_perplexity_task
+
+    mine = write_jsonl(tmp_path / "mine.jsonl", MC)
+    evaluate(uniform_scorer, TOK, [str(mine)], None, progress=False)
+    cols = table_columns(["c4", "mmlu", str(mine)])
+    assert cols == [("c4", "perplexity", "C4 ppl"), ("mmlu", "acc", "MMLU acc"),
+                    (str(mine), "acc", "mine.jsonl acc"), (str(mine), "acc_norm", "mine.jsonl acc_norm")]
+    assert is_perplexity_task("c4") and not is_perplexity_task("mmlu") and not is_perplexity_task(str(mine))
+
+
+# ---- batched scoring through the KV cache --------------------------------------------------------
+
+
+def test_batched_scores_equal_unbatched_on_tiny_onnx(tiny_onnx, tmp_path: Path) -> None:
+    """Shared prefix + padded suffix batch == one call per request, incl. left truncation; fewer calls."""
+    from fptq_onnx.evaluation.scoring import score_requests
+    from fptq_onnx.runtime import OnnxCausalLM
+
+    lm = OnnxCausalLM(tiny_onnx["llama"], spin=False)
+    calls: list[tuple[int, ...]] = []
+    forward = lm.forward
+
+    def counting(ids, past, mask=None):
+        calls.append(ids.shape)
+        return forward(ids, past, mask)
+
+    lm.forward = counting
+
+    def plain(ids: np.ndarray) -> np.ndarray:  # a Scorer without a cache: the unbatched path
+        return forward(ids, lm.empty_past(1))[0]
+
+    long_ctx = "the cat sat on the mat and then it went away " * 3
+    items = [
+        [encode_pair(TOK, "Question: what is red?\nAnswer:", " " + c) for c in ("a blue sky", "an apple", "x")],
+        [encode_pair(TOK, option, " was too big.") for option in TROPHY],
+        [(TOK("Q: pick\nAnswer:")["input_ids"], [TOK(letter)["input_ids"][0]]) for letter in "ABCD"],
+        [encode_pair(TOK, long_ctx, " " + c) for c in ("a", "a much longer answer")],
+    ]
+    for requests in items:
+        for max_length in (None, 24):
+            calls.clear()
+            batched = score_requests(lm, requests, max_length)
+            assert len(calls) <= 2  # the prefix once, the suffixes in one batch
+            reference = score_requests(plain, requests, max_length)
+            np.testing.assert_allclose([b.logprob for b in batched], [r.logprob for r in reference],
+                                       rtol=1e-5, atol=1e-5)
+            assert [b.is_greedy for b in batched] == [r.is_greedy for r in reference]
+    calls.clear()
+    score_requests(lm, items[2], None)
+    assert calls == [(1, len(items[2][0][0]))]  # single-token answers: one forward pass for four choices
+
+    write_jsonl(tmp_path / "tasks" / "piqa.jsonl", MC)
+    write_jsonl(tmp_path / "tasks" / "winogrande.jsonl", WINO)
+    write_jsonl(tmp_path / "tasks" / "mmlu.jsonl", MMLU_ROWS)
+    tasks = ["piqa", "winogrande", "mmlu"]
+    fast = evaluate(lm, TOK, tasks, tmp_path, progress=False, num_fewshot=1)
+    slow = evaluate(plain, TOK, tasks, tmp_path, progress=False, num_fewshot=1)
+    assert {t: metrics(r) for t, r in fast.items()} == {t: metrics(r) for t, r in slow.items()}

@@ -1,0 +1,138 @@
+"""The one table of evaluation tasks: name, data file, schema (how it is scored) and the metrics shown.
+
+A *schema* is a jsonl row layout with the runner that scores it and the metric
+columns it yields; a *task* is a schema applied to one data file. Registered
+tasks name a file in the data directory; any other ``.txt``/``.jsonl`` name is a
+local file whose schema is detected from the fields of its first row, so a
+user's own multiple-choice file is scored the way the built-in task of the same
+layout is. ``compare`` reads its table columns from here.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from fptq_onnx.errors import FptqError
+from fptq_onnx.evaluation.data import FieldSpec, describe_fields, data_file, first_row_fields, resolve_data_dir
+from fptq_onnx.evaluation.mmlu import run_mmlu
+from fptq_onnx.evaluation.tasks import TaskRunner, run_choice, run_cloze, run_corpus, run_partial
+
+
+@dataclass(frozen=True)
+class Schema:
+    """A row layout: its required fields, runner, and (result key, column suffix) metrics."""
+
+    name: str
+    fields: FieldSpec
+    run: TaskRunner
+    metrics: tuple[tuple[str, str], ...]
+    what: str  # for messages: what the schema scores
+
+    @property
+    def is_perplexity(self) -> bool:
+        return self.run is run_corpus
+
+
+CORPUS = Schema("corpus", {"text": str}, run_corpus, (("perplexity", "ppl"),), "perplexity")
+CHOICE = Schema("choice", {"query": str, "choices": list, "gold": int}, run_choice,
+                (("acc", "acc"), ("acc_norm", "acc_norm")), "multiple choice")
+MMLU = Schema("mmlu", {"question": str, "choices": list, "answer": int}, run_mmlu, (("acc", "acc"),),
+              "lettered multiple choice, cais/mmlu (+ optional subject)")
+CLOZE = Schema("cloze", {"context": str, "continuation": str}, run_cloze, (("acc", "acc"),), "last-word cloze")
+PARTIAL = Schema("partial", {"context_options": list, "continuation": str, "gold": int}, run_partial,
+                 (("acc", "acc"),), "partial scoring")
+
+SCHEMAS: tuple[Schema, ...] = (PARTIAL, CHOICE, MMLU, CLOZE, CORPUS)
+"""Detection order: the first schema whose required fields a row has."""
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: ``file`` is relative to the data dir (registered) or the user's path (local)."""
+
+    name: str
+    title: str
+    file: str
+    schema: Schema
+    windows: int | None = None  # corpus: windows scored by default (None = all)
+    joiner: str = "\n\n"  # corpus: how rows are joined before tokenizing
+
+    @property
+    def columns(self) -> list[tuple[str, str]]:
+        """(result key, table column title) of every metric shown for this task."""
+        return [(key, f"{self.title} {suffix}") for key, suffix in self.schema.metrics]
+
+
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec("wikitext2", "WikiText-2", "wikitext-2-raw-test.txt", CORPUS),
+        TaskSpec("c4", "C4", "c4-validation.jsonl", CORPUS, windows=256, joiner=" "),
+        TaskSpec("lambada_openai", "LAMBADA", "tasks/lambada_openai.jsonl", CLOZE),
+        TaskSpec("piqa", "PIQA", "tasks/piqa.jsonl", CHOICE),
+        TaskSpec("arc_easy", "ARC-e", "tasks/arc_easy.jsonl", CHOICE),
+        TaskSpec("winogrande", "WinoGrande", "tasks/winogrande.jsonl", PARTIAL),
+        TaskSpec("mmlu", "MMLU", "tasks/mmlu.jsonl", MMLU),
+    )
+}
+ALIASES: dict[str, str] = {"lambada": "lambada_openai"}
+
+_LOCAL: dict[str, TaskSpec] = {}  # local file name -> the spec it was last resolved to (for table columns)
+
+
+def known_tasks() -> list[str]:
+    """Every registered task name (local ``.txt``/``.jsonl`` files are accepted besides)."""
+    return list(TASKS)
+
+
+def is_local_file(name: str) -> bool:
+    return name.endswith((".txt", ".jsonl"))
+
+
+def canonical_name(name: str) -> str:
+    """The registered name for ``name`` (aliases resolved) or the local file name; error otherwise."""
+    if is_local_file(name):
+        return name
+    canonical = ALIASES.get(name, name)
+    if canonical not in TASKS:
+        raise FptqError(
+            f"unknown task {name!r}; known tasks: {', '.join(known_tasks())} (or a local .txt/.jsonl file)"
+        )
+    return canonical
+
+
+def needs_data_dir(name: str) -> bool:
+    return not (is_local_file(name) and Path(name).expanduser().is_absolute())
+
+
+def detect_schema(path: Path) -> Schema:
+    """The schema of a local file: ``.txt`` is a corpus, a ``.jsonl`` is matched on its first row's fields."""
+    if path.suffix != ".jsonl":
+        return CORPUS
+    fields = first_row_fields(path)
+    for schema in SCHEMAS:
+        if schema.fields.keys() <= fields:
+            return schema
+    known = "; ".join(f"{describe_fields(s.fields)} ({s.what})" for s in SCHEMAS)
+    raise FptqError(f"{path}: fields {{{', '.join(sorted(fields))}}} fit no known task schema; expected one of {known}")
+
+
+def resolve_task(name: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[TaskSpec, Path]:
+    """The task spec for ``name`` and its data file, which must exist (``data_dir`` or ``$FPTQ_DATA_DIR``)."""
+    name = canonical_name(name)
+    root = resolve_data_dir(data_dir) if needs_data_dir(name) else Path("/")
+    if name in TASKS:
+        spec = TASKS[name]
+        return spec, data_file(root, spec.file)
+    path = data_file(root, name)
+    spec = TaskSpec(name, Path(name).name, name, detect_schema(path))
+    _LOCAL[name] = spec
+    return spec, path
+
+
+def task_spec(name: str) -> TaskSpec:
+    """The spec of a registered task, or of a local file as last resolved (detected now if never)."""
+    name = canonical_name(name)
+    return TASKS.get(name) or _LOCAL.get(name) or resolve_task(name)[0]

@@ -1,0 +1,52 @@
+"""`fptq-onnx eval` end to end on a tiny exported model: MMLU (k-shot) and C4 options, and a bad task file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import TOKENIZER_TEXTS, tiny_tokenizer
+
+
+@pytest.fixture
+def tiny_bundle(tiny_onnx, tmp_path: Path) -> Path:
+    """The tiny llama export with a tokenizer beside it, as `export` writes a bundle."""
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    for f in Path(tiny_onnx["llama"]).parent.iterdir():
+        shutil.copy(f, model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    return model_dir / "model.onnx"
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def test_eval_mmlu_fewshot_and_c4_windows(tiny_bundle: Path, tmp_path: Path, cli) -> None:
+    data = tmp_path / "data"
+    write_jsonl(data / "c4-validation.jsonl", [{"text": t} for t in TOKENIZER_TEXTS] * 4)
+    rows = [{"subject": s, "question": f"what is {w} ?", "choices": ["one", "two", "three", "four"], "answer": i % 4}
+            for s in ("world", "tests") for i, w in enumerate(["the fox", "paris", "the dog"])]
+    write_jsonl(data / "tasks" / "mmlu.jsonl", rows)
+    out = tmp_path / "eval.json"
+    res = cli("eval", tiny_bundle, "--task", "mmlu,c4", "--data-dir", data, "--num-fewshot", "1",
+              "--seqlen", "8", "--windows", "2", "--json", out)
+    assert res.code == 0, res.stderr
+    report = json.loads(out.read_text())
+    assert report["num_fewshot"] == 1 and report["windows"] == 2
+    mmlu, c4 = report["results"]["mmlu"], report["results"]["c4"]
+    assert mmlu["n"] == 4 and set(mmlu["subjects"]) == {"world", "tests"} and mmlu["items_per_s"] > 0
+    assert c4["n"] == 2 and c4["tokens"] == 2 * 7 and c4["windows_per_s"] > 0
+
+
+def test_eval_file_of_no_known_schema_is_one_error_line(tiny_bundle: Path, tmp_path: Path, cli) -> None:
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"prompt": "the fox", "label": 1}])
+    res = cli("eval", tiny_bundle, "--task", odd)
+    assert res.code == 1 and len(res.error_lines) == 1 and "Traceback" not in res.stderr
+    assert "fit no known task schema" in res.error_lines[0]

@@ -84,6 +84,7 @@ def convert(
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (.bin) weights, which can run code.")] = False,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Process one decoder layer at a time from the safetensors files (for models larger than memory); default: stream when the whole model would not fit in --max-memory.")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget, e.g. 20GB (default: 90% of RAM): decides auto-streaming; streaming refuses settings estimated above it.")] = None,
+    quantize_lm_head: Annotated[Optional[bool], typer.Option("--quantize-lm-head/--no-quantize-lm-head", help="Quantize lm_head like the decoder linears (per-token int8 activations) and a tied embedding as int8 rows; default: the recipe's (off).")] = None,
 ) -> None:
     """Calibrate, apply the quantization method, export and write the quantized ONNX model(s)."""
     from fptq_onnx.calibration import CalibrationConfig
@@ -93,6 +94,7 @@ def convert(
     from fptq_onnx.algorithms import recipe as named_recipe
 
     method_name, recipe_options = named_recipe(recipe) if recipe else (method or "fptq", {})
+    recipe_lm_head = bool(recipe_options.pop("quantize_lm_head", False))
     if recipe and method and method != method_name:
         raise FptqError(f"--recipe {recipe} is method '{method_name}'; drop --method {method} or the recipe")
     chosen = dict(group_size=group_size, symmetric=None if asym is None else not asym, v0=v0, v1=v1,
@@ -107,6 +109,7 @@ def convert(
         extra_options=_key_values(opt or []),
         verify=verify, tolerance=tolerance, ppl_windows=ppl_windows, data_dir=data_dir, force=force,
         allow_pickle=allow_pickle, stream=stream, max_memory=max_memory,
+        quantize_lm_head=recipe_lm_head if quantize_lm_head is None else quantize_lm_head,
     )
     convert_command(model, out, options)
 

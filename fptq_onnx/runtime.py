@@ -25,6 +25,46 @@ def _header(path: Path):
     return onnx.load(str(path), load_external_data=False)
 
 
+def _external_tensors(graph) -> Iterator:
+    """Every TensorProto of `graph` and its subgraphs that keeps its bytes in an external file."""
+    from onnx import AttributeProto, TensorProto
+
+    tensors = list(graph.initializer)
+    for sparse in graph.sparse_initializer:
+        tensors += [sparse.values, sparse.indices]
+    for node in graph.node:
+        for attr in node.attribute:
+            tensors += ([attr.t] if attr.type == AttributeProto.TENSOR else []) + list(attr.tensors)
+            for sub in ([attr.g] if attr.type == AttributeProto.GRAPH else []) + list(attr.graphs):
+                yield from _external_tensors(sub)
+    yield from (t for t in tensors if t.data_location == TensorProto.EXTERNAL)
+
+
+def check_external_data(path: Path, header) -> None:
+    """Refuse external data that escapes the model's directory (`../`, absolute paths, symlinks out)
+    or lies past its file's end: a model file must not make us read other files."""
+    root = path.resolve().parent
+    for tensor in _external_tensors(header.graph):
+        info = {e.key: e.value for e in tensor.external_data}
+        location = info.get("location", "")
+        target = (root / location).resolve()
+        if not location or Path(location).is_absolute() or not target.is_relative_to(root):
+            raise FptqError(f"{path}: external data '{location}' of tensor '{tensor.name}' is outside the model's "
+                            f"directory {root}; refusing to read it")
+        if not target.is_file():
+            raise FptqError(f"{path}: external data file '{location}' of tensor '{tensor.name}' not found")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            offset = length = -1
+        if offset < 0 or length < 0:
+            raise FptqError(f"{path}: tensor '{tensor.name}' has a bad external-data offset/length")
+        end = offset + length
+        if end > target.stat().st_size:
+            raise FptqError(f"{path}: tensor '{tensor.name}' reads up to byte {end} of '{location}', "
+                            f"which has {target.stat().st_size}")
+
+
 def make_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
                  spin: bool = True) -> ort.InferenceSession:
     """An ORT session; registers our custom-op library when the model needs it.
@@ -43,6 +83,7 @@ def make_session(path: Path, threads: int | None = None, providers: list[str] | 
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         header = _header(path)
+        check_external_data(path, header)
         if any(op.domain == CUSTOM_DOMAIN for op in header.opset_import):
             from fptq_onnx import custom_ops
 

@@ -106,7 +106,7 @@ class W4A8Kernel {
     if (b_const) {
       CheckB(b);
       const_b_.reset(new std::vector<uint8_t>);
-      cpu::PackWeightsPanels(attrs_, b.GetTensorData<uint8_t>(), const_b_.get());
+      cpu::PackWeightsPanels(isa_, attrs_, b.GetTensorData<uint8_t>(), const_b_.get());
     }
   }
 
@@ -133,7 +133,7 @@ class W4A8Kernel {
       zp_data = zp->GetTensorData<uint8_t>();
     }
     std::string err = ValidateScales(scales.GetTensorData<float>(), attrs_.N, attrs_.n_groups());
-    if (err.empty()) err = cpu::PackQParams(attrs_, scales.GetTensorData<float>(), zp_data, out);
+    if (err.empty()) err = cpu::PackQParams(isa_, attrs_, scales.GetTensorData<float>(), zp_data, out);
     if (!err.empty()) Fail(err);
   }
 
@@ -287,7 +287,7 @@ FPTQ_EXPORT const char* fptq_ops_selected_isa() { return fptq::cpu::IsaName(fptq
 
 FPTQ_EXPORT int fptq_ops_isa_supported(const char* name) {
   using fptq::cpu::Isa;
-  for (Isa isa : {Isa::kScalar, Isa::kAvx2, Isa::kAvxVnni, Isa::kAvx512Vnni}) {
+  for (Isa isa : fptq::cpu::kAllIsas) {
     if (name != nullptr && std::string(name) == fptq::cpu::IsaName(isa)) return fptq::cpu::IsaSupported(isa) ? 1 : 0;
   }
   return 0;

@@ -2,6 +2,10 @@
 // activation quantization into scratch, and the parallel tiling of M x N.
 #include "w4a8_cpu.h"
 
+#if defined(FPTQ_HAVE_X86_KERNELS)
+#include <cpuid.h>
+#endif
+
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -16,9 +20,24 @@ const char* IsaName(Isa isa) {
     case Isa::kAvx2: return "avx2";
     case Isa::kAvxVnni: return "avxvnni";
     case Isa::kAvx512Vnni: return "avx512vnni";
+    case Isa::kAvx512Vnni512: return "avx512vnni512";
+    case Isa::kAmx: return "amx";
   }
   return "?";
 }
+
+int PanelWidth(Isa isa) { return (isa == Isa::kAvx512Vnni512 || isa == Isa::kAmx) ? kPanelZmm : kPanel; }
+
+namespace {
+#if defined(FPTQ_HAVE_AMX)
+// CPUID.(EAX=7, ECX=0):EDX bit 24 AMX-TILE, bit 25 AMX-INT8.
+bool CpuHasAmxInt8() {
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  return ((d >> 24) & 1) && ((d >> 25) & 1);
+}
+#endif
+}  // namespace
 
 bool IsaSupported(Isa isa) {
   switch (isa) {
@@ -34,56 +53,66 @@ bool IsaSupported(Isa isa) {
     case Isa::kAvx512Vnni:
       return IsaSupported(Isa::kAvx2) && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
+    case Isa::kAvx512Vnni512: return IsaSupported(Isa::kAvx512Vnni);
+    case Isa::kAmx:
+#if defined(FPTQ_HAVE_AMX)
+      return IsaSupported(Isa::kAvx512Vnni512) && CpuHasAmxInt8() && detail::AmxGranted();
+#else
+      return false;
+#endif
 #endif
     default: return false;
   }
 }
 
 Isa SelectIsa() {
-  const Isa order[] = {Isa::kAvxVnni, Isa::kAvx512Vnni, Isa::kAvx2, Isa::kScalar};
   if (const char* env = std::getenv("FPTQ_OPS_ISA")) {
-    for (Isa isa : order) {
+    for (Isa isa : kAllIsas) {
       if (std::strcmp(env, IsaName(isa)) == 0 && IsaSupported(isa)) return isa;
     }
   }
-  // VEX-encoded AVX-VNNI first: same throughput as the EVEX form, no AVX-512 clock penalty.
+  // AMX tiles for prefill (with the zmm kernels for decode), else the 512-bit
+  // kernels (twice the columns per instruction of VEX AVX-VNNI, which comes next).
+  const Isa order[] = {Isa::kAmx, Isa::kAvx512Vnni512, Isa::kAvxVnni, Isa::kAvx512Vnni, Isa::kAvx2, Isa::kScalar};
   for (Isa isa : order) {
     if (IsaSupported(isa)) return isa;
   }
   return Isa::kScalar;
 }
 
-std::string PackQParams(const W4A8Attrs& attrs, const float* scales, const uint8_t* zero_points, PackedQParams* out) {
-  const int64_t N = attrs.N, ng = attrs.n_groups();
+std::string PackQParams(Isa isa, const W4A8Attrs& attrs, const float* scales, const uint8_t* zero_points,
+                        PackedQParams* out) {
+  const int64_t N = attrs.N, ng = attrs.n_groups(), P = PanelWidth(isa);
+  out->panel = P;
   out->n_groups = ng;
-  out->n_panels = (N + kPanel - 1) / kPanel;
-  out->scales.assign(static_cast<size_t>(out->n_panels * ng * kPanel), 0.0f);
+  out->n_panels = (N + P - 1) / P;
+  out->scales.assign(static_cast<size_t>(out->n_panels * ng * P), 0.0f);
   out->zp.assign(out->scales.size(), 0);
   for (int64_t n = 0; n < N; ++n) {
-    const int64_t base = (n / kPanel) * ng * kPanel + n % kPanel;
+    const int64_t base = (n / P) * ng * P + n % P;
     for (int64_t g = 0; g < ng; ++g) {
-      out->scales[base + g * kPanel] = scales[n * ng + g];
+      out->scales[base + g * P] = scales[n * ng + g];
       uint8_t z = zero_points ? zero_points[n * ng + g] : kDefaultZeroPoint;
       if (z > 15) {
         return "W4A8MatMul: zero_points must be in 0..15, got " + std::to_string(z) + " at [" + std::to_string(n) +
                ", " + std::to_string(g) + "]";
       }
-      out->zp[base + g * kPanel] = z;
+      out->zp[base + g * P] = z;
     }
   }
   return {};
 }
 
-void PackWeightsPanels(const W4A8Attrs& attrs, const uint8_t* B, std::vector<uint8_t>* out) {
-  const int64_t N = attrs.N, G = attrs.group_size, ng = attrs.n_groups();
+void PackWeightsPanels(Isa isa, const W4A8Attrs& attrs, const uint8_t* B, std::vector<uint8_t>* out) {
+  const int64_t N = attrs.N, G = attrs.group_size, ng = attrs.n_groups(), P = PanelWidth(isa);
   const int64_t row_bytes = ng * G / 2;  // bytes of one column in B
-  const int64_t k_blocks = ng * G / 8;   // blocks of 8 k-elements (4 bytes of B, 32 packed bytes)
-  const int64_t n_panels = (N + kPanel - 1) / kPanel;
-  out->assign(static_cast<size_t>(n_panels * k_blocks * 32), 0);
+  const int64_t k_blocks = ng * G / 8;   // blocks of 8 k-elements (4 bytes of B, 4P packed bytes)
+  const int64_t n_panels = (N + P - 1) / P;
+  out->assign(static_cast<size_t>(n_panels * k_blocks * 4 * P), 0);
   for (int64_t n = 0; n < N; ++n) {
     const uint8_t* src = B + n * row_bytes;
-    uint8_t* dst = out->data() + (n / kPanel) * k_blocks * 32 + 4 * (n % kPanel);
-    for (int64_t kb = 0; kb < k_blocks; ++kb, src += 4, dst += 32) {
+    uint8_t* dst = out->data() + (n / P) * k_blocks * 4 * P + 4 * (n % P);
+    for (int64_t kb = 0; kb < k_blocks; ++kb, src += 4, dst += 4 * P) {
       // src bytes hold element pairs (k, k+1), (k+2, k+3), (k+4, k+5), (k+6, k+7);
       // dst byte i holds elements k+i (low) and k+4+i (high).
       dst[0] = static_cast<uint8_t>((src[0] & 0x0F) | (src[2] << 4));
@@ -118,6 +147,10 @@ IsaKernels KernelsFor(Isa isa) {
     case Isa::kAvxVnni: return detail::AvxVnniKernels();
 #endif
     case Isa::kAvx512Vnni: return detail::Avx512VnniKernels();
+    case Isa::kAvx512Vnni512: return detail::Avx512Vnni512Kernels();
+#if defined(FPTQ_HAVE_AMX)
+    case Isa::kAmx: return detail::AmxKernels();
+#endif
 #endif
     default: return detail::ScalarKernels();
   }
@@ -162,18 +195,23 @@ void W4A8Compute(Isa isa, const W4A8Problem& pb, const Parallel& parallel) {
   const int64_t M = pb.M;
   if (M <= 0) return;
   const IsaKernels kern = KernelsFor(isa);
+  if (pb.qp->panel != kern.panel) std::abort();  // packed for another ISA: a driver bug
   const uint8_t* B_packed = pb.B_packed;
   std::vector<uint8_t> local_packed;
   if (kern.needs_packed_b && B_packed == nullptr) {  // weights not constant: re-lay out every call
-    PackWeightsPanels(at, pb.B, &local_packed);
+    PackWeightsPanels(isa, at, pb.B, &local_packed);
     B_packed = local_packed.data();
   }
+  const bool gemm = kern.gemm != nullptr && M >= kAmxMinRows;
 
   const int64_t G = at.group_size;
   const int64_t Kq = (at.n_groups() * G + 63) / 64 * 64;
   const int64_t qsum_stride = (Kq + G - 1) / G;
   // Per-call scratch (the kernel object is shared by concurrent Run calls).
-  std::unique_ptr<int8_t[]> q(new int8_t[static_cast<size_t>(M * Kq)]);
+  // The GEMM tiles read whole 32-row blocks of q: pad rows are zero.
+  const int64_t q_rows = gemm ? (M + 31) / 32 * 32 : M;
+  std::unique_ptr<int8_t[]> q(new int8_t[static_cast<size_t>(q_rows * Kq)]);
+  if (q_rows > M) std::memset(q.get() + M * Kq, 0, static_cast<size_t>((q_rows - M) * Kq));
   std::unique_ptr<int32_t[]> qsum(new int32_t[static_cast<size_t>(M * qsum_stride)]);
   std::unique_ptr<float[]> sa(new float[static_cast<size_t>(M)]);
 
@@ -189,13 +227,23 @@ void W4A8Compute(Isa isa, const W4A8Problem& pb, const Parallel& parallel) {
   detail::TileArgs ta{at.K, at.N, G, at.n_groups(), Kq, qsum_stride, pb.B, B_packed, pb.qp,
                       q.get(), qsum.get(), sa.get(), pb.bias, pb.Y};
   const int64_t n_panels = pb.qp->n_panels;
-  TileJob job{&ta, kern.tile, M, n_panels, 0, 0, 0};
-  job.row_block = std::min<int64_t>(M, 64);
-  // Tasks of >= ~256K multiply-adds (pool dispatch costs ~microseconds), but at
-  // least 8 panel blocks when N allows, for load balance.
-  const int64_t panel_work = job.row_block * at.K * kPanel;
-  const int64_t max_block = std::max<int64_t>(1, (n_panels + 7) / 8);
-  job.panel_block = std::min<int64_t>(max_block, std::max<int64_t>(1, ((int64_t{1} << 18) + panel_work - 1) / panel_work));
+  TileJob job{&ta, gemm ? kern.gemm : kern.tile, M, n_panels, 0, 0, 0};
+  if (gemm) {
+    // Cache blocks: up to 256 rows x 8 panels (128 columns); the tile kernel
+    // blocks K inside a task and unpacks the task's weights once per K block.
+    job.row_block = std::min<int64_t>((M + 31) / 32 * 32, 256);
+    job.panel_block = std::min<int64_t>(n_panels, 8);
+  } else {
+    job.row_block = std::min<int64_t>(M, 64);
+    // Tasks of >= ~256K multiply-adds (pool dispatch costs ~microseconds), but at
+    // least 8 panel blocks when N allows, for load balance; 16-column kernels
+    // stream 4 panels at once for small M, so blocks of >= 4 panels.
+    const int64_t panel_work = job.row_block * at.K * kern.panel;
+    const int64_t max_block = std::max<int64_t>(kern.panel == kPanelZmm ? 4 : 1, (n_panels + 7) / 8);
+    job.panel_block =
+        std::min<int64_t>(max_block, std::max<int64_t>(1, ((int64_t{1} << 18) + panel_work - 1) / panel_work));
+    if (kern.panel == kPanelZmm) job.panel_block = std::min(n_panels, (job.panel_block + 3) / 4 * 4);
+  }
   job.n_panel_blocks = (n_panels + job.panel_block - 1) / job.panel_block;
   const int64_t n_row_blocks = (M + job.row_block - 1) / job.row_block;
   const size_t n_tasks = static_cast<size_t>(n_row_blocks * job.n_panel_blocks);

@@ -13,36 +13,53 @@
 namespace fptq {
 namespace cpu {
 
-enum class Isa : int { kScalar = 0, kAvx2, kAvxVnni, kAvx512Vnni };
+// avx512vnni: EVEX vpdpbusd on 256-bit registers (8-column panels);
+// avx512vnni512: zmm vpdpbusd on 16-column panels;
+// amx: AMX-INT8 tiles (tdpbssd) for M >= kAmxMinRows, the avx512vnni512 kernels below.
+enum class Isa : int { kScalar = 0, kAvx2, kAvxVnni, kAvx512Vnni, kAvx512Vnni512, kAmx };
+constexpr Isa kAllIsas[] = {Isa::kScalar,     Isa::kAvx2,           Isa::kAvxVnni,
+                            Isa::kAvx512Vnni, Isa::kAvx512Vnni512, Isa::kAmx};
 
 const char* IsaName(Isa isa);
-bool IsaSupported(Isa isa);  // compiled in and supported by this CPU/OS
-// Best supported ISA; env FPTQ_OPS_ISA=scalar|avx2|avxvnni|avx512vnni forces one
-// (if the forced one is unsupported, the best supported one is used).
+// Compiled in and supported by this CPU/OS (amx: also granted by the kernel,
+// arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA), requested on the first query).
+bool IsaSupported(Isa isa);
+// Best supported ISA; env FPTQ_OPS_ISA=<IsaName> forces one (if the forced one
+// is unsupported, the best supported one is used).
 Isa SelectIsa();
 
-// Columns are processed in panels of kPanel; scales and zero points are
-// re-laid out once per weight as [n_panels][n_groups][kPanel] (pad columns: 0).
+// Columns are processed in panels of PanelWidth(isa) (8, or 16 for the 512-bit
+// kernels); scales and zero points are re-laid out once per weight as
+// [n_panels][n_groups][panel] (pad columns: 0).
 constexpr int kPanel = 8;
+constexpr int kPanelZmm = 16;
+int PanelWidth(Isa isa);
+
+// The amx ISA runs its tile kernel from this many rows on (fewer rows: zmm kernels).
+constexpr int64_t kAmxMinRows = 16;
 
 struct PackedQParams {
+  int64_t panel = kPanel;
   int64_t n_panels = 0;
   int64_t n_groups = 0;
   std::vector<float> scales;
   std::vector<uint8_t> zp;
 };
 
-// Weights re-laid out for the SIMD kernels, once per weight: per panel of 8
-// columns, per group, per block of 8 k-elements, 32 bytes: bytes 4c..4c+3 hold
-// column c's elements k..k+3 (low nibbles) and k+4..k+7 (high nibbles).  So one
-// 32-byte load gives 8 columns x 4 elements (low) and the next 4 (high), and a
-// 4-byte activation broadcast dots all 8 columns at once (no horizontal sums).
-// Pad columns are 0.  Size: n_panels * n_groups * G/2 * 8 bytes.
-void PackWeightsPanels(const W4A8Attrs& attrs, const uint8_t* B, std::vector<uint8_t>* out);
+// Weights re-laid out for the SIMD kernels, once per weight: per panel of P =
+// PanelWidth(isa) columns, per group, per block of 8 k-elements, 4P bytes: bytes
+// 4c..4c+3 hold column c's elements k..k+3 (low nibbles) and k+4..k+7 (high
+// nibbles).  So one 4P-byte load gives P columns x 4 elements (low) and the next
+// 4 (high), and a 4-byte activation broadcast dots all P columns at once (no
+// horizontal sums).  The low / high nibbles of a 64-byte block (P = 16) are also
+// exactly two rows of an AMX B tile (K/4 rows of 16 columns x 4 bytes).
+// Pad columns are 0.  Size: n_panels * n_groups * G/2 * P bytes.
+void PackWeightsPanels(Isa isa, const W4A8Attrs& attrs, const uint8_t* B, std::vector<uint8_t>* out);
 
 // scales: [N, n_groups]; zero_points: [N, n_groups] or nullptr (all 8).
 // Returns "" or an error message (zero point out of 0..15).
-std::string PackQParams(const W4A8Attrs& attrs, const float* scales, const uint8_t* zero_points, PackedQParams* out);
+std::string PackQParams(Isa isa, const W4A8Attrs& attrs, const float* scales, const uint8_t* zero_points,
+                        PackedQParams* out);
 
 // Parallel-for supplied by the caller (ORT's intra-op pool); fn(data, i) for
 // i in [0, total), any order, possibly concurrently.  run == nullptr: serial.
@@ -57,7 +74,7 @@ struct W4A8Problem {
   int64_t M = 0;
   const float* A = nullptr;       // [M, K]
   const uint8_t* B = nullptr;     // [N, n_groups, G/2]
-  const uint8_t* B_packed = nullptr;  // PackWeightsPanels(B), or nullptr (packed per call if needed)
+  const uint8_t* B_packed = nullptr;  // PackWeightsPanels(isa, B), or nullptr (packed per call if needed)
   const PackedQParams* qp = nullptr;
   float act_scale = 1.0f;         // used when act_mode == static
   const float* bias = nullptr;    // [N] or nullptr
@@ -100,6 +117,10 @@ struct IsaKernels {
   QuantizeRowsFn quantize;
   TileFn tile;
   bool needs_packed_b;     // tile reads TileArgs::B_packed
+  int panel;               // PanelWidth of the packed layouts it reads
+  // Optional cache-blocked GEMM tile for M >= kAmxMinRows (AMX): called with row
+  // blocks starting at multiples of 32 and q zero padded to a multiple of 32 rows.
+  TileFn gemm;
 };
 
 IsaKernels ScalarKernels();
@@ -108,6 +129,11 @@ bool NeedsPackedWeights(Isa isa);
 IsaKernels Avx2Kernels();
 IsaKernels AvxVnniKernels();     // valid only if FPTQ_HAVE_AVXVNNI
 IsaKernels Avx512VnniKernels();
+IsaKernels Avx512Vnni512Kernels();  // w4a8_kernels_avx512.cpp
+#if defined(FPTQ_HAVE_AMX)
+IsaKernels AmxKernels();            // w4a8_kernels_amx.cpp
+bool AmxGranted();                  // the Linux permission request succeeded (asked once)
+#endif
 #endif
 
 }  // namespace detail

@@ -76,7 +76,7 @@ void TileScalar(const TileArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p
 
 }  // namespace
 
-IsaKernels ScalarKernels() { return IsaKernels{QuantizeRowsScalar, TileScalar, false}; }
+IsaKernels ScalarKernels() { return IsaKernels{QuantizeRowsScalar, TileScalar, false, kPanel, nullptr}; }
 
 }  // namespace detail
 }  // namespace cpu

@@ -49,11 +49,11 @@ namespace fptq {
 namespace cpu {
 namespace detail {
 
-IsaKernels Avx2Kernels() { return IsaKernels{avx2::QuantizeRows, avx2::Tile, true}; }
+IsaKernels Avx2Kernels() { return IsaKernels{avx2::QuantizeRows, avx2::Tile, true, kPanel, nullptr}; }
 #if defined(FPTQ_HAVE_AVXVNNI)
-IsaKernels AvxVnniKernels() { return IsaKernels{avxvnni::QuantizeRows, avxvnni::Tile, true}; }
+IsaKernels AvxVnniKernels() { return IsaKernels{avxvnni::QuantizeRows, avxvnni::Tile, true, kPanel, nullptr}; }
 #endif
-IsaKernels Avx512VnniKernels() { return IsaKernels{avx512vnni::QuantizeRows, avx512vnni::Tile, true}; }
+IsaKernels Avx512VnniKernels() { return IsaKernels{avx512vnni::QuantizeRows, avx512vnni::Tile, true, kPanel, nullptr}; }
 
 }  // namespace detail
 }  // namespace cpu

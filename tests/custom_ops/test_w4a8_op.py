@@ -22,8 +22,14 @@ except FptqError as e:  # pragma: no cover - only when the library was not built
 _CLIB = ctypes.CDLL(str(LIB))
 _CLIB.fptq_ops_isa_supported.restype = ctypes.c_int
 _CLIB.fptq_ops_isa_supported.argtypes = [ctypes.c_char_p]
-ALL_ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni"]
+ALL_ISAS = ["scalar", "avx2", "avxvnni", "avx512vnni", "avx512vnni512", "amx"]
 ISAS = [i for i in ALL_ISAS if _CLIB.fptq_ops_isa_supported(i.encode())]
+# Every kernel path, skipped (with the reason) where this CPU, OS or build lacks it.
+# "amx" runs its tile kernel for M >= 16 and the avx512vnni512 kernels below.
+ISA_PARAMS = [
+    pytest.param(i, id=i, marks=pytest.mark.skipif(i not in ISAS, reason=f"ISA {i} not supported by this CPU/OS/build"))
+    for i in ALL_ISAS
+]
 
 
 @pytest.fixture
@@ -131,6 +137,7 @@ M_SHAPES = [(0,), (1,), (3,), (64,), (2, 3)]
 # ---------------------------------------------------------------- correctness
 
 
+@pytest.mark.parametrize("isa", ISA_PARAMS, indirect=True)
 @pytest.mark.parametrize("K,N,G", SHAPES)
 @pytest.mark.parametrize("lead", M_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
@@ -151,7 +158,7 @@ def test_matches_reference_exactly(K, N, G, lead, act_mode, threads, isa):
         np.testing.assert_array_equal(y, ref)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("isa", ISA_PARAMS, indirect=True)
 @pytest.mark.parametrize("K,N,G", SHAPES)
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
 def test_every_isa(K, N, G, act_mode, isa):
@@ -168,7 +175,24 @@ def test_every_isa(K, N, G, act_mode, isa):
         np.testing.assert_array_equal(y, ref)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("isa", ISA_PARAMS, indirect=True)
+@pytest.mark.parametrize("K,N,G,M", [(1100, 200, 512, 290), (640, 136, 32, 40), (4100, 24, 4096, 33)])
+@pytest.mark.parametrize("act_mode", ["static", "per_token"])
+def test_blocked_gemm_exact(K, N, G, M, act_mode, isa):
+    """Shapes that cross the GEMM cache blocks: > 256 rows (two row blocks, the last partial),
+    > 8 column panels (an odd panel count in the last block), groups longer than one K block
+    (int32 sums carried across blocks), ragged last groups, partial column panels."""
+    rng = np.random.default_rng(zlib.crc32(repr((K, N, G, M)).encode()))
+    B, s, zp = make_weights(rng, K, N, G, with_zp=True)
+    bias = (rng.integers(-64, 64, size=N) / 16).astype(np.float32)
+    act_scale = np.array(0.125, np.float32) if act_mode == "static" else None
+    a = make_activations(rng, (M, K), act_mode, exact=True)
+    (y,) = session(make_model(K, N, G, act_mode, B, s, zp, act_scale, bias), 2).run(None, {"A": a})
+    ref = custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, act_mode)
+    np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("isa", ISA_PARAMS, indirect=True)
 @pytest.mark.parametrize("G", [16, 128, 1024])
 @pytest.mark.parametrize("w_nibble,zp_value", [(15, 0), (0, 15), (15, 8)])
 @pytest.mark.parametrize("a_value", [-1e4, 1e4])
@@ -181,7 +205,7 @@ def test_extreme_values(G, w_nibble, zp_value, a_value, act_mode, isa):
     s = np.full((N, ng), 2.0**-10, np.float32)
     zp = np.full((N, ng), zp_value, np.uint8)
     act_scale = np.array(1.0, np.float32) if act_mode == "static" else None
-    a = np.full((3, K), a_value, np.float32)
+    a = np.full((17, K), a_value, np.float32)  # 17 rows: the amx path runs its tiles
     (y,) = session(make_model(K, N, G, act_mode, B, s, zp, act_scale)).run(None, {"A": a})
     ref = custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, None, K, N, G, act_mode)
     np.testing.assert_array_equal(y, ref)
@@ -190,7 +214,7 @@ def test_extreme_values(G, w_nibble, zp_value, a_value, act_mode, isa):
     np.testing.assert_allclose(ref, s_a * 2.0**-10 * q * (w_nibble - zp_value) * K, rtol=1e-6)
 
 
-@pytest.mark.parametrize("isa", ISAS, indirect=True)
+@pytest.mark.parametrize("isa", ISA_PARAMS, indirect=True)
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
 def test_general_scales_within_float_rounding(act_mode, isa):
     """Arbitrary float scales / activations: equal up to float32 summation order."""

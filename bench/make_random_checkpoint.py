@@ -116,8 +116,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="llama-7b")
     parser.add_argument("--shard-gb", type=float, default=2.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--layers", type=int, help="keep only the first N decoder layers (a slice, for speed benches)")
     args = parser.parse_args(argv)
-    cfg = SHAPES[args.shape]
+    cfg = {**SHAPES[args.shape], **({"num_hidden_layers": args.layers} if args.layers else {})}
     out = args.out
     if out.exists() and any(out.iterdir()):
         print(f"error: {out} exists and is not empty", file=sys.stderr)

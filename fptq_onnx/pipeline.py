@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from fptq_onnx import loading, sources
+from fptq_onnx import app_files, loading, sources
 from fptq_onnx.export import export_float
 from fptq_onnx.models.registry import ArchSpec, spec_for
 from fptq_onnx.report import peak_rss_mb, say, step
@@ -52,6 +52,7 @@ def write_sidecars(directory: Path, loaded: LoadedModel, stage) -> None:
         if loaded.model.generation_config is not None:
             loaded.model.generation_config.save_pretrained(tmp)
         loaded.tokenizer.save_pretrained(tmp)
+        app_files.write_app_files(directory, Path(tmp), loaded.model, loaded.tokenizer, stage)
         for file in Path(tmp).iterdir():
             if file.is_file():
                 file.rename(stage(file.name))

@@ -20,7 +20,7 @@ import pytest
 from onnx import helper, numpy_helper
 
 
-SIDECARS = {"config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"}
+SIDECARS = {"config.json", "generation_config.json", "genai_config.json", "tokenizer.json", "tokenizer_config.json"}
 
 
 def _listing(directory: Path) -> dict[str, str]:

@@ -69,8 +69,10 @@ struct Problem {
   int force_path = 0;                // 0 auto, 1 decode kernel (M <= 16: the v5 streaming TMA kernel on
                                      // sm_90 when its shared memory fits, else v4), 5 the v4 decode kernel,
                                      // 6 v5 with 6 stages, 2 prefill 128x128 tiles, 4 prefill 128x64 tiles,
-                                     // 3 quantize only, 8/11/12 read-only bandwidth probes (no result)
-  int force_splits = 0;              // prefill split-K (0 auto)
+                                     // 3 quantize only, 7 the wgmma prefill kernel (sm_90a, any M),
+                                     // 9 its tiled quantization only, 8/11/12 read-only bandwidth probes
+                                     // (no result); auto: M <= 16 decode, else 4
+  int force_splits = 0;              // prefill split-K, both prefill kernels (0 auto)
 };
 
 std::string Run(const Problem& p, void* stream);

@@ -40,7 +40,7 @@ import numpy as np
 from fptq_onnx.errors import FptqError
 from fptq_onnx.evaluation.data import read_jsonl
 from fptq_onnx.evaluation.perplexity import Scorer
-from fptq_onnx.evaluation.scoring import encode_pair, score_items
+from fptq_onnx.evaluation.scoring import encode_pair, score_requests
 from fptq_onnx.evaluation.tasks import RunOptions, TaskResult, gold_in, items_bar
 
 if TYPE_CHECKING:
@@ -94,11 +94,11 @@ def run_mmlu(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: R
             raise FptqError(f"{path}: {where} has {len(items)} questions; --num-fewshot {k} needs at least {k + 1}")
         scored = items[k:] if opts.limit is None else items[k : k + opts.limit]
         jobs += [(subject, build_context(subject, items[:k], item), item) for item in scored]
-    requests = ([encode_pair(tokenizer, context, " " + LETTERS[i]) for i in range(len(item["choices"]))]
-                for _, context, item in jobs)
     hits: dict[str, list[bool]] = {subject: [] for subject in groups}
-    for (subject, _, item), lls in zip(items_bar(jobs, task, opts), score_items(scorer, requests, opts.max_length)):
-        hits[subject].append(int(np.argmax([ll.logprob for ll in lls])) == item["answer"])
+    for subject, context, item in items_bar(jobs, task, opts):
+        requests = [encode_pair(tokenizer, context, " " + LETTERS[i]) for i in range(len(item["choices"]))]
+        lps = [ll.logprob for ll in score_requests(scorer, requests, opts.max_length)]
+        hits[subject].append(int(np.argmax(lps)) == item["answer"])
     per_subject = {s: {"acc": sum(h) / len(h), "n": len(h)} for s, h in hits.items()}
     result: TaskResult = {
         "acc": sum(map(sum, hits.values())) / len(jobs),

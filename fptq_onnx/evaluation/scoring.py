@@ -1,17 +1,14 @@
-"""Log-likelihood of continuations: the request split of lm-eval, and batched scoring.
+"""Log-likelihood of continuations: the request split of lm-eval, and batched scoring per item.
 
 A task item asks for several (context, continuation) log-likelihoods that share
 most of their tokens: the choices of a multiple-choice question share the whole
 question, WinoGrande's two options share the sentence up to the blank. Scored one
 sequence per call (what a plain :data:`Scorer` allows) the shared tokens are
-recomputed for every choice, and every call reads all the weights again, which
-dominates for the short sequences of these tasks. A model with a KV cache
-(:class:`CachedLM`, e.g. :class:`fptq_onnx.runtime.OnnxCausalLM`) instead gets
-two calls for a group of items: the longest common prefix of each item's input
-sequences, all items as one right-padded batch; then every remaining suffix as one
-right-padded batch over the cached prefixes (the prefix padding masked out). For
-MMLU-style single-token answers there are no suffixes: one call for several
-questions instead of four per question.
+recomputed for every choice. A model with a KV cache (:class:`CachedLM`, e.g.
+:class:`fptq_onnx.runtime.OnnxCausalLM`) instead runs the longest common prefix of
+the item's input sequences once, then all remaining suffixes in one right-padded
+batch on top of the cached prefix. For MMLU-style single-token answers the suffixes
+are empty and an item costs one forward pass instead of four.
 
 Both paths see exactly the tokens the per-request protocol defines (truncation
 included: requests are truncated first and the prefix is what their truncated
@@ -20,7 +17,7 @@ sequences share), so their numbers agree to float rounding.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -32,7 +29,7 @@ from fptq_onnx.evaluation.perplexity import Scorer, encode, run_scorer, token_lo
 Request = tuple[list[int], list[int]]
 """(context ids, continuation ids) as split by :func:`encode_pair`."""
 
-_TOKEN_BUDGET = 1024  # padded rows x length per forward call: bounds the [rows, length, vocab] logits
+_MAX_BATCH = 8  # suffix rows per forward call: bounds the [rows, length, vocab] logits
 
 
 @runtime_checkable
@@ -100,59 +97,11 @@ def loglikelihood(scorer: Scorer, request: Request, max_length: int | None) -> L
     return _judge(logits, request[1])
 
 
-def score_items(
-    model: Scorer | CachedLM, items: Iterable[Sequence[Request]], max_length: int | None
-) -> Iterator[list[Loglikelihood]]:
-    """Log-likelihoods of each item's requests, item by item in order.
-
-    A :class:`CachedLM` gets several items per pair of forward calls (as many as
-    fit ``_TOKEN_BUDGET``); a plain scorer gets one call per request.
-    """
-    if not isinstance(model, CachedLM):
-        for requests in items:
-            yield [loglikelihood(model, r, max_length) for r in requests]
-        return
-    chunk: list[_ItemPlan] = []
-    for requests in items:
-        plan = _ItemPlan.of(requests, max_length)
-        if chunk and not _fits([*chunk, plan]):
-            yield from _score_chunk(model, chunk)
-            chunk = []
-        chunk.append(plan)
-    if chunk:
-        yield from _score_chunk(model, chunk)
-
-
-@dataclass(frozen=True)
-class _ItemPlan:
-    """One item's model inputs and the length of the prefix they all share."""
-
-    requests: Sequence[Request]
-    inputs: list[list[int]]
-    n_prefix: int
-
-    @classmethod
-    def of(cls, requests: Sequence[Request], max_length: int | None) -> _ItemPlan:
-        inputs = [model_input(r, max_length) for r in requests]
-        return cls(requests, inputs, _common_prefix_length(inputs))
-
-    @property
-    def suffix_lengths(self) -> list[int]:
-        return [len(seq) - self.n_prefix for seq in self.inputs if len(seq) > self.n_prefix]
-
-
-def _fits(plans: list[_ItemPlan]) -> bool:
-    """Whether these items may share a prefix call and a suffix call.
-
-    Both calls' padded token counts stay within the budget, and an item with no
-    shared prefix (its requests differ from the first token, e.g. after
-    truncation) runs alone: a prefix row of pads only would be fully masked.
-    """
-    if any(p.n_prefix == 0 for p in plans):
-        return False
-    suffixes = [n for p in plans for n in p.suffix_lengths]
-    prefix_tokens = len(plans) * max(p.n_prefix for p in plans)
-    return prefix_tokens <= _TOKEN_BUDGET and len(suffixes) * max(suffixes, default=0) <= _TOKEN_BUDGET
+def score_requests(model: Scorer | CachedLM, requests: Sequence[Request], max_length: int | None) -> list[Loglikelihood]:
+    """Log-likelihoods of one item's requests: shared prefix through the KV cache when the model has one."""
+    if isinstance(model, CachedLM):
+        return _score_shared_prefix(model, requests, max_length)
+    return [loglikelihood(model, r, max_length) for r in requests]
 
 
 def _common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
@@ -173,49 +122,36 @@ def _check_logits(logits: np.ndarray, batch: int, length: int) -> np.ndarray:
     return logits
 
 
-def _score_chunk(lm: CachedLM, plans: list[_ItemPlan]) -> Iterator[list[Loglikelihood]]:
-    """Items' prefixes as one right-padded batch, then all their suffixes as one batch over those caches.
-
-    Padding sits at the end of each prefix row and is masked out of the suffix
-    call; position ids follow the mask, so every real token sees exactly the
-    positions and keys it has in a single-sequence run.
-    """
-    width = max(p.n_prefix for p in plans)
-    if width:
-        ids = np.zeros((len(plans), width), np.int64)
-        mask = np.zeros((len(plans), width), np.int64)
-        for k, plan in enumerate(plans):
-            ids[k, : plan.n_prefix] = plan.inputs[0][: plan.n_prefix]
-            mask[k, : plan.n_prefix] = 1
-        prefix_logits, prefix_past = lm.forward(ids, lm.empty_past(len(plans)), mask)
-        prefix_logits = _check_logits(prefix_logits, len(plans), width)
-    rows = [(k, i) for k, plan in enumerate(plans) for i, seq in enumerate(plan.inputs) if len(seq) > plan.n_prefix]
-    suffix_rows: dict[tuple[int, int], np.ndarray] = {}  # (item, request) -> logits of its suffix positions
-    if rows:
-        length = max(len(plans[k].inputs[i]) - plans[k].n_prefix for k, i in rows)
-        ids = np.zeros((len(rows), length), np.int64)
-        mask = np.zeros((len(rows), width + length), np.int64)
-        for r, (k, i) in enumerate(rows):
-            suffix = plans[k].inputs[i][plans[k].n_prefix :]
-            ids[r, : len(suffix)] = suffix
-            mask[r, : plans[k].n_prefix] = 1
-            mask[r, width : width + len(suffix)] = 1
-        if width:
-            which = np.array([k for k, _ in rows])
-            past = [p[which] for p in prefix_past]
-        else:
-            past = lm.empty_past(len(rows))
-        logits = _check_logits(lm.forward(ids, past, mask)[0], len(rows), length)
-        for r, (k, i) in enumerate(rows):
-            suffix_rows[k, i] = logits[r, : len(plans[k].inputs[i]) - plans[k].n_prefix]
-    for k, plan in enumerate(plans):
-        results = []
-        for i, (seq, (_, cont)) in enumerate(zip(plan.inputs, plan.requests)):
-            first = len(seq) - len(cont)  # position whose logits predict cont[0]
-            parts = []
-            if first < plan.n_prefix:
-                parts.append(prefix_logits[k, first : plan.n_prefix])
-            if (k, i) in suffix_rows:
-                parts.append(suffix_rows[k, i][max(first - plan.n_prefix, 0) :])
-            results.append(_judge(np.concatenate(parts) if len(parts) > 1 else parts[0], cont))
-        yield results
+def _score_shared_prefix(lm: CachedLM, requests: Sequence[Request], max_length: int | None) -> list[Loglikelihood]:
+    """Prefix once (batch 1), then the suffixes as right-padded batches over the repeated prefix cache."""
+    inputs = [model_input(r, max_length) for r in requests]
+    n_prefix = _common_prefix_length(inputs)
+    if n_prefix:
+        prefix_logits, prefix_past = lm.forward(np.asarray([inputs[0][:n_prefix]], np.int64), lm.empty_past(1))
+        prefix_logits = _check_logits(prefix_logits, 1, n_prefix)[0]
+    rows: dict[int, np.ndarray] = {}  # request index -> logits of its suffix positions
+    pending = [i for i, seq in enumerate(inputs) if len(seq) > n_prefix]
+    for start in range(0, len(pending), _MAX_BATCH):
+        chunk = pending[start : start + _MAX_BATCH]
+        width = max(len(inputs[i]) - n_prefix for i in chunk)
+        ids = np.zeros((len(chunk), width), np.int64)
+        mask = np.zeros((len(chunk), n_prefix + width), np.int64)
+        mask[:, :n_prefix] = 1
+        for row, i in enumerate(chunk):
+            suffix = inputs[i][n_prefix:]
+            ids[row, : len(suffix)] = suffix
+            mask[row, n_prefix : n_prefix + len(suffix)] = 1
+        past = [np.repeat(p, len(chunk), axis=0) for p in prefix_past] if n_prefix else lm.empty_past(len(chunk))
+        logits = _check_logits(lm.forward(ids, past, mask)[0], len(chunk), width)
+        for row, i in enumerate(chunk):
+            rows[i] = logits[row, : len(inputs[i]) - n_prefix]
+    results = []
+    for i, (seq, (_, cont)) in enumerate(zip(inputs, requests)):
+        first = len(seq) - len(cont)  # position whose logits predict cont[0]
+        parts = []
+        if first < n_prefix:
+            parts.append(prefix_logits[first:n_prefix])
+        if i in rows:
+            parts.append(rows[i][max(first - n_prefix, 0) :])
+        results.append(_judge(np.concatenate(parts) if len(parts) > 1 else parts[0], cont))
+    return results

@@ -19,7 +19,7 @@ published tables):
   after each context option; ``acc`` = the better option is gold.
 * corpus: windowed perplexity (:mod:`.perplexity`).
 
-The choices of an item, and several items, are scored together (:func:`.scoring.score_items`).
+The choices of one item are scored together (:func:`.scoring.score_requests`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from fptq_onnx.evaluation.data import read_jsonl
 from fptq_onnx.evaluation.perplexity import Scorer, perplexity_of_file
-from fptq_onnx.evaluation.scoring import encode_pair, score_items
+from fptq_onnx.evaluation.scoring import encode_pair, score_requests
 
 if TYPE_CHECKING:
     from fptq_onnx.evaluation.registry import TaskSpec
@@ -85,9 +85,10 @@ def run_corpus(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts:
 def run_cloze(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: RunOptions) -> TaskResult:
     """LAMBADA-style last-word prediction; acc (greedy) and continuation perplexity."""
     items = read_jsonl(path, task.schema.fields, opts.limit)
-    requests = ([encode_pair(tokenizer, item["context"], " " + item["continuation"].lstrip())] for item in items)
     hits, total_lp = 0, 0.0
-    for _, (ll,) in zip(items_bar(items, task, opts), score_items(scorer, requests, opts.max_length)):
+    for item in items_bar(items, task, opts):
+        request = encode_pair(tokenizer, item["context"], " " + item["continuation"].lstrip())
+        (ll,) = score_requests(scorer, [request], opts.max_length)
         hits += ll.is_greedy
         total_lp += ll.logprob
     return {"acc": hits / len(items), "perplexity": math.exp(-total_lp / len(items)), "n": len(items)}
@@ -96,11 +97,11 @@ def run_cloze(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: 
 def run_choice(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: RunOptions) -> TaskResult:
     """Multiple choice by log-likelihood of ' ' + choice after 'query\\nAnswer:'; acc and acc_norm."""
     items = read_jsonl(path, task.schema.fields, opts.limit, gold_in("choices"))
-    requests = ([encode_pair(tokenizer, item["query"].rstrip("\n") + "\nAnswer:", " " + c) for c in item["choices"]]
-                for item in items)
     acc = acc_norm = 0
-    for item, lls in zip(items_bar(items, task, opts), score_items(scorer, requests, opts.max_length)):
-        lps = np.array([ll.logprob for ll in lls])
+    for item in items_bar(items, task, opts):
+        context = item["query"].rstrip("\n") + "\nAnswer:"
+        requests = [encode_pair(tokenizer, context, " " + c) for c in item["choices"]]
+        lps = np.array([ll.logprob for ll in score_requests(scorer, requests, opts.max_length)])
         lengths = np.array([max(len(c), 1) for c in item["choices"]], dtype=np.float64)
         acc += int(np.argmax(lps)) == item["gold"]
         acc_norm += int(np.argmax(lps / lengths)) == item["gold"]
@@ -110,9 +111,10 @@ def run_choice(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts:
 def run_partial(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: RunOptions) -> TaskResult:
     """WinoGrande-style partial scoring: the shared continuation under each context option."""
     items = read_jsonl(path, task.schema.fields, opts.limit, gold_in("context_options"))
-    requests = ([encode_pair(tokenizer, option, " " + item["continuation"].lstrip()) for option in item["context_options"]]
-                for item in items)
     hits = 0
-    for item, lls in zip(items_bar(items, task, opts), score_items(scorer, requests, opts.max_length)):
-        hits += int(np.argmax([ll.logprob for ll in lls])) == item["gold"]
+    for item in items_bar(items, task, opts):
+        cont = " " + item["continuation"].lstrip()
+        requests = [encode_pair(tokenizer, option, cont) for option in item["context_options"]]
+        lps = [ll.logprob for ll in score_requests(scorer, requests, opts.max_length)]
+        hits += int(np.argmax(lps)) == item["gold"]
     return {"acc": hits / len(items), "n": len(items)}

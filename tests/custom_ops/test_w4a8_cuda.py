@@ -1,7 +1,9 @@
 """fptq::W4A8MatMul on CUDAExecutionProvider against the numpy reference and the CPU op.
 
 Needs a CUDA GPU, onnxruntime-gpu and a libfptq_ops.so built with CUDA (marked `gpu`;
-CI deselects them with -m "not gpu").  Every session sets
+CI deselects them with -m "not gpu"); the `test_direct_*` tests call the library's
+`fptq_cuda_*` entry points on torch CUDA buffers and need torch with CUDA instead of
+onnxruntime-gpu, so every kernel variant is checked where only torch is installed.  Every session sets
 session.disable_cpu_ep_fallback=1, so a W4A8MatMul node that did not land on the
 GPU fails the session instead of silently running on the CPU.
 """
@@ -29,8 +31,7 @@ except FptqError as e:  # pragma: no cover
     pytest.skip(f"libfptq_ops.so not built: {e}", allow_module_level=True)
 if not hasattr(ctypes.CDLL(str(LIB)), "fptq_cuda_compiled"):
     pytest.skip("libfptq_ops.so was built without CUDA", allow_module_level=True)
-if "CUDAExecutionProvider" not in ort.get_available_providers():
-    pytest.skip("onnxruntime has no CUDAExecutionProvider", allow_module_level=True)
+HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
 
 
 # ---------------------------------------------------------------- helpers
@@ -70,6 +71,8 @@ def make_model(K, N, G, act_mode, B, scales, zp=None, act_scale=None, bias=None,
 
 
 def cuda_session(model):
+    if not HAS_CUDA_EP:
+        pytest.skip("onnxruntime has no CUDAExecutionProvider")
     so = ort.SessionOptions()
     so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     so.log_severity_level = 3
@@ -122,7 +125,7 @@ MS = [1, 5, 16, 17, 128, 1000]
 # ---------------------------------------------------------------- correctness
 
 
-@pytest.mark.parametrize("cuda_path", [None, "prefill128"], indirect=True)
+@pytest.mark.parametrize("cuda_path", [None, "prefill128", "prefill_wgmma"], indirect=True)
 @pytest.mark.parametrize("K,N,G", SHAPES)
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
 def test_matches_reference_exactly(K, N, G, act_mode, cuda_path):
@@ -142,7 +145,7 @@ def test_matches_reference_exactly(K, N, G, act_mode, cuda_path):
             np.testing.assert_array_equal(y, ref, err_msg=f"M={M} zp={with_zp} bias={with_bias}")
 
 
-@pytest.mark.parametrize("cuda_path", ["decode", "decode_v4", "prefill128", "prefill64"], indirect=True)
+@pytest.mark.parametrize("cuda_path", ["decode", "decode_v4", "prefill128", "prefill64", "prefill_wgmma"], indirect=True)
 @pytest.mark.parametrize("K,N,G", [(576, 40, 128), (100, 24, 32), (80, 11, 16), (512, 9, 256)])
 def test_both_kernels_small_m(K, N, G, cuda_path):
     """M <= 16 through the decode kernel and through both prefill kernels (split-K)."""
@@ -238,6 +241,110 @@ def test_io_binding_on_device_no_fallback():
     io.bind_ortvalue_output("Y", y_dev)
     sess.run_with_iobinding(io)
     np.testing.assert_array_equal(y_dev.numpy(), custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, None, K, N, G, "static"))
+
+
+# ---------------------------------------------------------------- direct entry points (torch buffers, no ORT)
+
+PATHS = {"auto": 0, "decode": 1, "decode_v4": 5, "prefill128": 2, "prefill64": 4, "prefill_wgmma": 7}
+
+
+@pytest.fixture(scope="module")
+def direct():
+    """(torch, the library with the fptq_cuda_* signatures set) or skip."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("torch sees no CUDA device")
+    lib = ctypes.CDLL(str(LIB))
+    i64, vp = ctypes.c_int64, ctypes.c_void_p
+    lib.fptq_cuda_packed_bytes.restype = ctypes.c_size_t
+    lib.fptq_cuda_packed_bytes.argtypes = [i64, i64, i64, ctypes.c_int]
+    lib.fptq_cuda_workspace_bytes.restype = ctypes.c_size_t
+    lib.fptq_cuda_workspace_bytes.argtypes = [i64, i64, i64, i64, ctypes.c_int]
+    lib.fptq_cuda_pack.restype = ctypes.c_char_p
+    lib.fptq_cuda_pack.argtypes = [i64, i64, i64] + [vp] * 7
+    lib.fptq_cuda_run.restype = ctypes.c_char_p
+    lib.fptq_cuda_run.argtypes = [i64, i64, i64, ctypes.c_int, i64] + [vp] * 9 + [ctypes.c_int, ctypes.c_int]
+    return torch, lib
+
+
+def _run_direct(torch, lib, K, N, G, act_mode, B, s, zp, act_scale, bias, a, force_path, splits=0):
+    """One fptq_cuda_pack + fptq_cuda_run on fresh device buffers; the output starts as NaN."""
+    def dev(x):
+        return None if x is None else torch.from_numpy(np.ascontiguousarray(x)).cuda()
+
+    def ptr(t):
+        return None if t is None else ctypes.c_void_p(t.data_ptr())
+
+    tB, ts, tz, tbias, tA = dev(B), dev(s), dev(zp), dev(bias), dev(a)
+    tact = dev(np.asarray(act_scale if act_scale is not None else 1.0, np.float32).reshape(1))
+    nb = [lib.fptq_cuda_packed_bytes(K, N, G, i) for i in range(3)]
+    Bp = torch.empty(nb[0], dtype=torch.uint8, device="cuda")
+    sc = torch.empty(nb[1] // 4, dtype=torch.float32, device="cuda")
+    zc = torch.empty(nb[2], dtype=torch.int8, device="cuda") if tz is not None else None
+    stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+    err = lib.fptq_cuda_pack(K, N, G, ptr(tB), ptr(ts), ptr(tz), ptr(Bp), ptr(sc), ptr(zc), stream)
+    assert err is None, err
+    M = a.shape[0]
+    ws = torch.empty(lib.fptq_cuda_workspace_bytes(K, N, G, M, int(tz is not None)), dtype=torch.uint8, device="cuda")
+    Y = torch.full((M, N), float("nan"), device="cuda")
+    err = lib.fptq_cuda_run(K, N, G, int(act_mode == "per_token"), M, ptr(tA), ptr(tact), ptr(tbias), ptr(Bp),
+                            ptr(sc), ptr(zc), ptr(Y), ptr(ws), stream, force_path, splits)
+    assert err is None, err
+    return Y.cpu().numpy()
+
+
+@pytest.mark.parametrize("path", ["auto", "prefill_wgmma", "prefill64"])
+@pytest.mark.parametrize("K,N,G", SHAPES + [(320, 2048, 64), (4160, 136, 128)])
+@pytest.mark.parametrize("act_mode", ["static", "per_token"])
+def test_direct_prefill_exact(direct, K, N, G, act_mode, path):
+    """Every prefill kernel, ragged K / N / M, with and without zero points and bias: bit-exact.
+
+    (320, 2048, 64) at M = 1200 gives 160 (tile, split) units, more than the SMs of an H200, so the
+    wgmma kernel's persistent loop and its stage ring cross unit boundaries."""
+    torch, lib = direct
+    rng = np.random.default_rng(zlib.crc32(repr((K, N, G, act_mode, path)).encode()))
+    for variant in range(4):
+        with_zp, with_bias = bool(variant & 1), bool(variant & 2)
+        B, s, zp = make_weights(rng, K, N, G, with_zp)
+        bias = (rng.integers(-64, 64, size=N) / 16).astype(np.float32) if with_bias else None
+        act_scale = np.array(0.125, np.float32) if act_mode == "static" else None
+        for M in (1, 17, 128, 129, 1200 if N == 2048 else 300):
+            a = make_activations(rng, (M, K), act_mode)
+            y = _run_direct(torch, lib, K, N, G, act_mode, B, s, zp, act_scale, bias, a, PATHS[path])
+            ref = custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, act_mode)
+            np.testing.assert_array_equal(y, ref, err_msg=f"M={M} zp={with_zp} bias={with_bias}")
+
+
+@pytest.mark.parametrize("splits", [2, 3, 8])
+@pytest.mark.parametrize("K,N,G", [(1000, 300, 128), (2112, 200, 1024), (576, 40, 32)])
+def test_direct_wgmma_split_k(direct, K, N, G, splits):
+    """The wgmma kernel's split-K (group-aligned k ranges, atomicAdd into a zeroed Y): exact."""
+    torch, lib = direct
+    rng = np.random.default_rng(splits)
+    B, s, zp = make_weights(rng, K, N, G, with_zp=True)
+    bias = (rng.integers(-64, 64, size=N) / 16).astype(np.float32)
+    act_scale = np.array(0.125, np.float32)
+    for M in (5, 200):
+        a = make_activations(rng, (M, K), "static")
+        y = _run_direct(torch, lib, K, N, G, "static", B, s, zp, act_scale, bias, a, PATHS["prefill_wgmma"], splits)
+        np.testing.assert_array_equal(y, custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, "static"))
+
+
+@pytest.mark.parametrize("G", [32, 128, 256])
+@pytest.mark.parametrize("act_mode", ["static", "per_token"])
+def test_direct_wgmma_extreme_values(direct, G, act_mode):
+    """Largest |products| through the wgmma kernel (q = -128 / 127, nibbles 0 / 15, zero point 0 / 15)."""
+    torch, lib = direct
+    K, N = 2 * G, 136
+    for w_nibble, zp_value in ((15, 0), (0, 15)):
+        B = np.full((N, 2, G // 2), w_nibble * 0x11, np.uint8)
+        s = np.full((N, 2), 2.0**-10, np.float32)
+        zp = np.full((N, 2), zp_value, np.uint8)
+        act_scale = np.array(1.0, np.float32) if act_mode == "static" else None
+        for a_value in (-1e4, 1e4):
+            a = np.full((130, K), a_value, np.float32)
+            y = _run_direct(torch, lib, K, N, G, act_mode, B, s, zp, act_scale, None, a, PATHS["prefill_wgmma"])
+            np.testing.assert_array_equal(y, custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, None, K, N, G, act_mode))
 
 
 # ---------------------------------------------------------------- a whole deploy model

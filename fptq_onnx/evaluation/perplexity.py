@@ -141,20 +141,17 @@ def perplexity_of_file(
     limit: int | None = None,
     max_length: int | None = None,
     progress: bool = False,
-    data_dir: str | os.PathLike[str] | None = None,
     joiner: str = "\n\n",
     desc: str | None = None,
 ) -> dict[str, float | int]:
-    """Perplexity of a local corpus: a ``.txt`` (one row per line) or a ``.jsonl`` with ``"text"``.
+    """Perplexity of a corpus file: a ``.txt`` (one row per line) or a ``.jsonl`` with ``"text"``.
 
     Rows are joined with ``joiner``: ``"\\n\\n"`` for HF-style rows (WikiText-2),
-    ``" "`` for documents in the GPTQ C4 protocol. A relative ``path`` is looked
-    up in the data directory (argument or ``$FPTQ_DATA_DIR``); an absolute one is
-    used as is.
+    ``" "`` for documents in the GPTQ C4 protocol.
     """
     p = Path(path).expanduser()
-    base = resolve_data_dir(data_dir) if not p.is_absolute() else p.parent
-    p = data_file(base, p)
+    if not p.is_file():
+        raise FptqError(f"corpus file {p} not found")
     text = joiner.join(read_text_rows(p))
     return perplexity_of_text(scorer, tokenizer, text, seqlen, limit, max_length, progress, desc=desc or p.name)
 
@@ -170,5 +167,4 @@ def wikitext2_perplexity(
 ) -> dict[str, float | int]:
     """WikiText-2 (raw) test perplexity from ``<data_dir>/wikitext-2-raw-test.txt``."""
     path = data_file(resolve_data_dir(data_dir), WIKITEXT2_FILE)
-    text = "\n\n".join(read_text_rows(path))
-    return perplexity_of_text(scorer, tokenizer, text, seqlen, limit, max_length, progress, desc="wikitext2")
+    return perplexity_of_file(scorer, tokenizer, path, seqlen, limit, max_length, progress, desc="wikitext2")

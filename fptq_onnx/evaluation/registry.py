@@ -15,7 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fptq_onnx.errors import FptqError
-from fptq_onnx.evaluation.data import FieldSpec, describe_fields, data_file, first_row_fields, resolve_data_dir
+from fptq_onnx.evaluation.data import (
+    WIKITEXT2_FILE,
+    FieldSpec,
+    data_file,
+    describe_fields,
+    first_row_fields,
+    resolve_data_dir,
+)
 from fptq_onnx.evaluation.mmlu import run_mmlu
 from fptq_onnx.evaluation.tasks import TaskRunner, run_choice, run_cloze, run_corpus, run_partial
 
@@ -68,7 +75,7 @@ class TaskSpec:
 TASKS: dict[str, TaskSpec] = {
     t.name: t
     for t in (
-        TaskSpec("wikitext2", "WikiText-2", "wikitext-2-raw-test.txt", CORPUS),
+        TaskSpec("wikitext2", "WikiText-2", WIKITEXT2_FILE, CORPUS),
         TaskSpec("c4", "C4", "c4-validation.jsonl", CORPUS, windows=256, joiner=" "),
         TaskSpec("lambada_openai", "LAMBADA", "tasks/lambada_openai.jsonl", CLOZE),
         TaskSpec("piqa", "PIQA", "tasks/piqa.jsonl", CHOICE),

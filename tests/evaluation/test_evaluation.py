@@ -465,8 +465,8 @@ def test_table_columns_come_from_the_registry(tmp_path: Path) -> None:
 
 
 def test_batched_scores_equal_unbatched_on_tiny_onnx(tiny_onnx, tmp_path: Path) -> None:
-    """Items batched over shared prefixes == one call per request, incl. left truncation; far fewer calls."""
-    from fptq_onnx.evaluation.scoring import score_items
+    """Shared prefix + padded suffix batch == one call per request, incl. left truncation; fewer calls."""
+    from fptq_onnx.evaluation.scoring import score_requests
     from fptq_onnx.runtime import OnnxCausalLM
 
     lm = OnnxCausalLM(tiny_onnx["llama"], spin=False)
@@ -488,21 +488,20 @@ def test_batched_scores_equal_unbatched_on_tiny_onnx(tiny_onnx, tmp_path: Path) 
         [encode_pair(TOK, "Question: what is red?\nAnswer:", " " + c) for c in ("a blue sky", "an apple", "x")],
         [encode_pair(TOK, option, " was too big.") for option in TROPHY],
         letters,
-        [encode_pair(TOK, long_ctx, " " + c) for c in ("a", "a much longer answer")],
-        [encode_pair(TOK, "Hi", " there")],
+        [encode_pair(TOK, long_ctx, " " + c) for c in ("a", "a much longer answer")],  # truncated apart at 24
     ]
-    for max_length in (None, 24):
-        calls.clear()
-        batched = list(score_items(lm, items, max_length))
-        if max_length is None:
-            assert len(calls) == 2  # every prefix in one call, every suffix in one more
-        reference = list(score_items(plain, items, max_length))
-        for got, want in zip(batched, reference, strict=True):
-            np.testing.assert_allclose([g.logprob for g in got], [w.logprob for w in want], rtol=1e-5, atol=1e-5)
-            assert [g.is_greedy for g in got] == [w.is_greedy for w in want]
+    for requests in items:
+        for max_length in (None, 24):
+            calls.clear()
+            batched = score_requests(lm, requests, max_length)
+            assert len(calls) <= 2  # the prefix once, the suffixes in one batch
+            reference = score_requests(plain, requests, max_length)
+            np.testing.assert_allclose([b.logprob for b in batched], [r.logprob for r in reference],
+                                       rtol=1e-5, atol=1e-5)
+            assert [b.is_greedy for b in batched] == [r.is_greedy for r in reference]
     calls.clear()
-    list(score_items(lm, [letters, letters[:2]], None))
-    assert calls == [(2, len(letters[0][0]))]  # single-token answers: one forward pass for two questions
+    score_requests(lm, letters, None)
+    assert calls == [(1, len(letters[0][0]))]  # single-token answers: one forward pass for four choices
 
     write_jsonl(tmp_path / "tasks" / "piqa.jsonl", MC)
     write_jsonl(tmp_path / "tasks" / "winogrande.jsonl", WINO)

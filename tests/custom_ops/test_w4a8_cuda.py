@@ -98,10 +98,21 @@ def make_activations(rng, shape, act_mode, exact=True):
     return a
 
 
+def _is_sm90():
+    """The sm_90a wgmma prefill kernel runs on compute capability 9.0 only (asked through torch)."""
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
+
+
 @pytest.fixture
 def cuda_path(request, monkeypatch):
     """Force a decode (v5 streaming / v4) or prefill kernel (read when the session creates the kernel)."""
     name = getattr(request, "param", None)
+    if name == "prefill_wgmma" and not _is_sm90():
+        pytest.skip("the wgmma prefill kernel needs compute capability 9.0")
     if name is None:
         monkeypatch.delenv("FPTQ_OPS_CUDA_PATH", raising=False)
     else:
@@ -302,6 +313,8 @@ def test_direct_prefill_exact(direct, K, N, G, act_mode, path):
     (320, 2048, 64) at M = 1200 gives 160 (tile, split) units, more than the SMs of an H200, so the
     wgmma kernel's persistent loop and its stage ring cross unit boundaries."""
     torch, lib = direct
+    if path == "prefill_wgmma" and not _is_sm90():
+        pytest.skip("the wgmma prefill kernel needs compute capability 9.0")
     rng = np.random.default_rng(zlib.crc32(repr((K, N, G, act_mode, path)).encode()))
     for variant in range(4):
         with_zp, with_bias = bool(variant & 1), bool(variant & 2)
@@ -320,6 +333,8 @@ def test_direct_prefill_exact(direct, K, N, G, act_mode, path):
 def test_direct_wgmma_split_k(direct, K, N, G, splits):
     """The wgmma kernel's split-K (group-aligned k ranges, atomicAdd into a zeroed Y): exact."""
     torch, lib = direct
+    if not _is_sm90():
+        pytest.skip("the wgmma prefill kernel needs compute capability 9.0")
     rng = np.random.default_rng(splits)
     B, s, zp = make_weights(rng, K, N, G, with_zp=True)
     bias = (rng.integers(-64, 64, size=N) / 16).astype(np.float32)
@@ -335,6 +350,8 @@ def test_direct_wgmma_split_k(direct, K, N, G, splits):
 def test_direct_wgmma_extreme_values(direct, G, act_mode):
     """Largest |products| through the wgmma kernel (q = -128 / 127, nibbles 0 / 15, zero point 0 / 15)."""
     torch, lib = direct
+    if not _is_sm90():
+        pytest.skip("the wgmma prefill kernel needs compute capability 9.0")
     K, N = 2 * G, 136
     for w_nibble, zp_value in ((15, 0), (0, 15)):
         B = np.full((N, 2, G // 2), w_nibble * 0x11, np.uint8)

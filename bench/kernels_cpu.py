@@ -1,12 +1,16 @@
 """CPU kernel benchmark: fptq::W4A8MatMul against ONNX Runtime's built-in paths.
 
-For each K x N and M: median ms (ORT sessions, --threads intra-op threads) of
-fp32 MatMul; com.microsoft.MatMulNBits (4 bits, block 128) accuracy_level 0 and 4;
-int8 DynamicQuantizeLinear + MatMulInteger (+ Cast/Mul); ours static and per_token.
-Prints a markdown table and writes it to bench/kernels_cpu.md (--out).  No assertions.
+For K x N in 4096x4096, 4096x11008, 11008x4096, M in 1 and 512, 1 and 2 intra-op
+threads: median ms (ORT sessions, variants interleaved) of fp32 MatMul;
+com.microsoft.MatMulNBits (4 bits, block 128) accuracy_level 4; ORT's int8
+com.microsoft.DynamicQuantizeMatMul (the fused form of DynamicQuantizeLinear +
+MatMulInteger); ours static and per_token (and, when AMX is used, per_token forced
+to the zmm kernels).  Prints the CPU model, ISA flags and our kernel path, a markdown
+table and whether the issue-16 targets are met; writes it all to bench/kernels_cpu.md
+(--out).  No assertions.
 
     python bench/kernels_cpu.py            # full (minutes)
-    python bench/kernels_cpu.py --quick    # small subset
+    python bench/kernels_cpu.py --quick    # 4096x4096 only
 """
 
 from __future__ import annotations
@@ -27,12 +31,17 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fptq_onnx import custom_ops
 
-FULL_SHAPES = [(576, 576), (576, 1536), (1536, 576), (4096, 4096), (4096, 11008), (11008, 4096)]
-FULL_MS = [1, 8, 64, 512]
-QUICK_SHAPES = [(576, 1536), (4096, 4096)]
-QUICK_MS = [1, 64]
+SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # K x N
+MS = [1, 512]
+THREADS = [1, 2]
+QUICK_SHAPES = [(4096, 4096)]
 G = 128
-VARIANTS = ["fp32", "nbits_acc0", "nbits_acc4", "int8_dyn", "ours_static", "ours_per_token"]
+# Targets (issue 16): ours >= 1.3x MatMulNBits acc4 at M=1, >= 1.5x DynamicQuantizeMatMul at M=512.
+TARGETS = {1: ("nbits_acc4", 1.3), 512: ("int8_dqmm", 1.5)}
+ISA_FLAGS = (
+    "avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512vbmi",
+    "amx_tile", "amx_int8", "amx_bf16",
+)
 
 
 def _model(nodes, inits, K, N, extra_opsets=()):
@@ -55,24 +64,19 @@ def build_models(K: int, N: int, rng) -> dict:
     w = (q.astype(np.float32) * np.repeat(scales, G, axis=0)[:K]).astype(np.float32)
     models = {}
     models["fp32"] = _model([helper.make_node("MatMul", ["A", "W"], ["Y"])], [numpy_helper.from_array(w, "W")], K, N)
-    for acc in (0, 4):
-        node = helper.make_node(
-            "MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
-            K=K, N=N, bits=4, block_size=G, accuracy_level=acc,
-        )
-        inits = [numpy_helper.from_array(B, "B"), numpy_helper.from_array(s_ng.reshape(-1), "scales")]
-        models[f"nbits_acc{acc}"] = _model([node], inits, K, N, ["com.microsoft"])
-    # int8: dynamic uint8 activations x per-column symmetric int8 weights
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "scales"], ["Y"], domain="com.microsoft",
+        K=K, N=N, bits=4, block_size=G, accuracy_level=4,
+    )
+    inits = [numpy_helper.from_array(B, "B"), numpy_helper.from_array(s_ng.reshape(-1), "scales")]
+    models["nbits_acc4"] = _model([node], inits, K, N, ["com.microsoft"])
+    # int8: ORT's DynamicQuantizeMatMul (what quantize_dynamic's DynamicQuantizeLinear + MatMulInteger
+    # fuse into): dynamic uint8 activations x per-column symmetric int8 weights
     w_s = (np.abs(w).max(axis=0) / 127).astype(np.float32)
     w_q = np.clip(np.rint(w / w_s), -127, 127).astype(np.int8)
-    nodes = [
-        helper.make_node("DynamicQuantizeLinear", ["A"], ["a_q", "a_s", "a_zp"]),
-        helper.make_node("MatMulInteger", ["a_q", "Wq", "a_zp"], ["acc"]),
-        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
-        helper.make_node("Mul", ["a_s", "Ws"], ["s"]),
-        helper.make_node("Mul", ["accf", "s"], ["Y"]),
-    ]
-    models["int8_dyn"] = _model(nodes, [numpy_helper.from_array(w_q, "Wq"), numpy_helper.from_array(w_s, "Ws")], K, N)
+    node = helper.make_node("DynamicQuantizeMatMul", ["A", "Wq", "Ws"], ["Y"], domain="com.microsoft")
+    inits = [numpy_helper.from_array(w_q, "Wq"), numpy_helper.from_array(w_s, "Ws")]
+    models["int8_dqmm"] = _model([node], inits, K, N, ["com.microsoft"])
     for mode in ("static", "per_token"):
         names = ["A", "B", "scales", "", "act_scale" if mode == "static" else ""]
         while names[-1] == "":
@@ -85,13 +89,24 @@ def build_models(K: int, N: int, rng) -> dict:
     return models
 
 
-def make_session(model, threads: int):
+def make_session(model, threads: int, isa: str | None = None):
+    """An ORT session; `isa` forces our kernel variant (FPTQ_OPS_ISA is read at session creation)."""
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     custom_ops.register(so)
-    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    saved = os.environ.get("FPTQ_OPS_ISA")
+    if isa is not None:
+        os.environ["FPTQ_OPS_ISA"] = isa
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    finally:
+        if isa is not None:
+            if saved is None:
+                del os.environ["FPTQ_OPS_ISA"]
+            else:
+                os.environ["FPTQ_OPS_ISA"] = saved
 
 
 def time_sessions(sessions: dict, a: np.ndarray, N: int, budget_s: float, max_reps: int) -> dict:
@@ -108,7 +123,7 @@ def time_sessions(sessions: dict, a: np.ndarray, N: int, budget_s: float, max_re
     times = {name: [] for name in sessions}
     t_end = time.perf_counter() + budget_s
     reps = 0
-    while reps < 3 or (reps < max_reps and time.perf_counter() < t_end):
+    while reps < 5 or (reps < max_reps and time.perf_counter() < t_end):
         for name, (sess, io, _) in bound.items():
             t0 = time.perf_counter()
             sess.run_with_iobinding(io)
@@ -118,7 +133,7 @@ def time_sessions(sessions: dict, a: np.ndarray, N: int, budget_s: float, max_re
 
 
 def machine_info() -> dict:
-    info = {"model": platform.processor() or "?", "cores": str(os.cpu_count())}
+    info = {"model": platform.processor() or "?", "cores": str(os.cpu_count()), "isa_flags": "?"}
     try:
         out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
         for line in out.splitlines():
@@ -129,69 +144,125 @@ def machine_info() -> dict:
                 info["cores"] = val.strip()
             elif key.strip() == "Flags":
                 flags = set(val.split())
-                info["isa_flags"] = ",".join(f for f in ("avx2", "fma", "avx_vnni", "avx512f", "avx512_vnni", "amx_int8") if f in flags)
+                info["isa_flags"] = " ".join(f for f in ISA_FLAGS if f in flags)
     except (OSError, subprocess.CalledProcessError):
         pass
     return info
 
 
-def selected_isa() -> str:
+def _lib() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(custom_ops.library_path()))
     lib.fptq_ops_selected_isa.restype = ctypes.c_char_p
-    return lib.fptq_ops_selected_isa().decode()
+    lib.fptq_ops_kernel_path.restype = ctypes.c_char_p
+    lib.fptq_ops_kernel_path.argtypes = [ctypes.c_int64]
+    return lib
+
+
+def kernel_path(M: int) -> str:
+    """The kernel our op runs for M rows with the ISA this process selects."""
+    return _lib().fptq_ops_kernel_path(M).decode()
+
+
+VARIANT_LABELS = {
+    "fp32": "fp32 MatMul",
+    "nbits_acc4": "NBits acc4",
+    "int8_dqmm": "int8 DQMatMul",
+    "ours_static": "ours static",
+    "ours_per_token": "ours per_token",
+    "ours_zmm_per_token": "ours per_token, no AMX",
+}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="small subset of shapes and M")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--isa", help="force our kernel variant (sets FPTQ_OPS_ISA: scalar|avx2|avxvnni|avx512vnni)")
+    ap.add_argument("--quick", action="store_true", help="one shape only (4096x4096)")
+    ap.add_argument("--isa", help="force our kernel variant (FPTQ_OPS_ISA: scalar|avx2|avxvnni|avx512vnni|"
+                    "avx512vnni512|amx)")
     ap.add_argument("--out", type=Path, default=Path(__file__).with_name("kernels_cpu.md"))
     args = ap.parse_args()
     if args.isa:
         os.environ["FPTQ_OPS_ISA"] = args.isa
-    shapes, ms = (QUICK_SHAPES, QUICK_MS) if args.quick else (FULL_SHAPES, FULL_MS)
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+    info = machine_info()
+    isa = _lib().fptq_ops_selected_isa().decode()
+    paths = {M: kernel_path(M) for M in MS}
+    print(f"machine: {info['model']}, {info['cores']} CPUs; ISA flags: {info['isa_flags']}")
+    print(f"our kernel variant: {isa}; path by M: " + ", ".join(f"M={M}: {p}" for M, p in paths.items()), flush=True)
     rng = np.random.default_rng(0)
 
-    tables = {"median": [], "min": []}
+    variants = list(VARIANT_LABELS)
+    if isa != "amx":  # the no-AMX column is only meaningful beside an AMX run
+        variants.remove("ours_zmm_per_token")
     header = (
-        "| K x N | M | fp32 | NBits acc0 | NBits acc4 | int8 DQ+MMI | ours static | ours per_token "
-        "| fp32/ours (st, pt) | acc4/ours (st, pt) |"
+        "| K x N | M | threads | path | " + " | ".join(VARIANT_LABELS[v] for v in variants)
+        + " | fp32/ours pt | acc4/ours pt | DQMatMul/ours pt | DQMatMul/ours st |"
     )
-    sep = "|" + "---|" * 10
+    sep = "|" + "---|" * (len(variants) + 8)
+    tables = {"median": [], "min": []}
+    ratios = []  # (K, N, M, threads, target peer, ratio per_token, ratio static)
     print(header)
     print(sep, flush=True)
     for K, N in shapes:
-        sessions = {name: make_session(m, args.threads) for name, m in build_models(K, N, rng).items()}
-        for M in ms:
-            a = rng.standard_normal((M, K)).astype(np.float32)
-            big = M * K * N >= 512 * 4096 * 4096
-            budget, max_reps = (1.0, 5) if args.quick else ((3.0, 7) if big else (3.0, 50))
-            both = time_sessions(sessions, a, N, budget, max_reps)
-            for i, stat in enumerate(tables):
-                t = {name: v[i] for name, v in both.items()}
-                st, pt = t["ours_static"], t["ours_per_token"]
-                row = (
-                    f"| {K}x{N} | {M} | {t['fp32']:.3f} | {t['nbits_acc0']:.3f} | {t['nbits_acc4']:.3f} | "
-                    f"{t['int8_dyn']:.3f} | {st:.3f} | {pt:.3f} | {t['fp32'] / st:.2f}, {t['fp32'] / pt:.2f} | "
-                    f"{t['nbits_acc4'] / st:.2f}, {t['nbits_acc4'] / pt:.2f} |"
-                )
-                tables[stat].append(row)
-            print(tables["median"][-1], flush=True)
-        del sessions
+        models = build_models(K, N, rng)
+        for threads in THREADS:
+            sessions = {}
+            for name in variants:
+                if name == "ours_zmm_per_token":
+                    sessions[name] = make_session(models["ours_per_token"], threads, isa="avx512vnni512")
+                else:
+                    sessions[name] = make_session(models[name], threads)
+            for M in MS:
+                a = rng.standard_normal((M, K)).astype(np.float32)
+                budget, max_reps = (4.0, 9) if M >= 64 else (3.0, 200)
+                both = time_sessions(sessions, a, N, budget, max_reps)
+                for i, stat in enumerate(tables):
+                    t = {name: v[i] for name, v in both.items()}
+                    st, pt = t["ours_static"], t["ours_per_token"]
+                    row = (
+                        f"| {K}x{N} | {M} | {threads} | {paths[M]} | " + " | ".join(f"{t[v]:.3f}" for v in variants)
+                        + f" | {t['fp32'] / pt:.2f} | {t['nbits_acc4'] / pt:.2f} | {t['int8_dqmm'] / pt:.2f} | "
+                        f"{t['int8_dqmm'] / st:.2f} |"
+                    )
+                    tables[stat].append(row)
+                    if stat == "median":
+                        peer, _ = TARGETS[M]
+                        ratios.append((K, N, M, threads, peer, t[peer] / pt, t[peer] / st))
+                print(tables["median"][-1], flush=True)
+            del sessions
+        del models
 
-    info = machine_info()
+    target_lines = []
+    for M, (peer, goal) in TARGETS.items():
+        for threads in THREADS:
+            rs = [r for r in ratios if r[2] == M and r[3] == threads]
+            cells = ", ".join(f"{K}x{N}: {pt:.2f}x (static {st:.2f}x)" for K, N, _, _, _, pt, st in rs)
+            met = all(pt >= goal for *_, pt, _ in rs)
+            target_lines.append(
+                f"- M={M}, {threads} thread(s), ours per_token vs {VARIANT_LABELS[peer]} >= {goal}x: "
+                f"{'MET' if met else 'NOT met'} ({cells})"
+            )
+    for line in target_lines:
+        print(line)
+
+    cmd = "python bench/kernels_cpu.py" + (" --quick" if args.quick else "") + (f" --isa {args.isa}" if args.isa else "")
     text = "\n".join(
         [
             "# CPU kernel benchmark (bench/kernels_cpu.py)",
             "",
-            f"- machine: {info['model']}, {info['cores']} CPUs ({info.get('isa_flags', '')})",
+            f"- machine: {info['model']}, {info['cores']} CPUs; ISA flags: {info['isa_flags']}",
             f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
-            f"- onnxruntime {ort.__version__}, {args.threads} intra-op threads, "
-            f"fptq kernel variant: {selected_isa()}, group/block size {G}{' (--quick)' if args.quick else ''}",
-            "- ms per call (IOBinding, preallocated output; the variants take turns); ratios > 1 mean ours is faster",
-            f"- load average at the end: {os.getloadavg()[0]:.1f} (a loaded machine inflates the medians; the minima "
-            "are less sensitive to it)",
+            f"- command: `{cmd}`",
+            f"- onnxruntime {ort.__version__}; group/block size {G}; our kernel variant: {isa} "
+            f"(path by M: {', '.join(f'M={M}: {p}' for M, p in paths.items())})"
+            + ("; 'no AMX' = ours forced to avx512vnni512 (the path of an AVX-512 CPU without AMX)"
+               if "ours_zmm_per_token" in variants else ""),
+            "- ms per call (IOBinding, preallocated output; the variants take turns within each row, medians "
+            "over >= 5 interleaved rounds); ratios > 1 mean ours is faster",
+            f"- load average at the end: {os.getloadavg()[0]:.1f} (the machine is shared: compare within a row)",
+            "",
+            "## Targets (medians)",
+            "",
+            *target_lines,
             "",
             "## Median ms",
             "",

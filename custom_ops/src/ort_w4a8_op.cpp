@@ -284,6 +284,7 @@ FPTQ_EXPORT OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options
 
 // Diagnostics for tests and benchmarks (ctypes).
 FPTQ_EXPORT const char* fptq_ops_selected_isa() { return fptq::cpu::IsaName(fptq::cpu::SelectIsa()); }
+FPTQ_EXPORT const char* fptq_ops_kernel_path(int64_t M) { return fptq::cpu::KernelPath(fptq::cpu::SelectIsa(), M); }
 
 FPTQ_EXPORT int fptq_ops_isa_supported(const char* name) {
   using fptq::cpu::Isa;

@@ -26,6 +26,10 @@ const char* IsaName(Isa isa) {
   return "?";
 }
 
+const char* KernelPath(Isa isa, int64_t M) {
+  return (isa == Isa::kAmx && M < kAmxMinRows) ? IsaName(Isa::kAvx512Vnni512) : IsaName(isa);
+}
+
 int PanelWidth(Isa isa) { return (isa == Isa::kAvx512Vnni512 || isa == Isa::kAmx) ? kPanelZmm : kPanel; }
 
 namespace {
@@ -229,10 +233,12 @@ void W4A8Compute(Isa isa, const W4A8Problem& pb, const Parallel& parallel) {
   const int64_t n_panels = pb.qp->n_panels;
   TileJob job{&ta, gemm ? kern.gemm : kern.tile, M, n_panels, 0, 0, 0};
   if (gemm) {
-    // Cache blocks: up to 256 rows x 8 panels (128 columns); the tile kernel
-    // blocks K inside a task and unpacks the task's weights once per K block.
+    // Cache blocks: up to 256 rows x an even number (2..8) of panels whose
+    // unpacked int8 weights (K x 16 bytes per panel) fit ~768 KiB of L2.
     job.row_block = std::min<int64_t>((M + 31) / 32 * 32, 256);
-    job.panel_block = std::min<int64_t>(n_panels, 8);
+    const int64_t unpacked_panel = at.n_groups() * G * 16;
+    const int64_t fit = std::max<int64_t>(2, std::min<int64_t>(8, (int64_t{768} << 10) / unpacked_panel)) / 2 * 2;
+    job.panel_block = std::min<int64_t>(n_panels, fit);
   } else {
     job.row_block = std::min<int64_t>(M, 64);
     // Tasks of >= ~256K multiply-adds (pool dispatch costs ~microseconds), but at

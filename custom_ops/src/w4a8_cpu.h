@@ -37,6 +37,8 @@ int PanelWidth(Isa isa);
 
 // The amx ISA runs its tile kernel from this many rows on (fewer rows: zmm kernels).
 constexpr int64_t kAmxMinRows = 16;
+// Name of the kernel that W4A8Compute(isa, ...) runs for M rows (for benchmarks).
+const char* KernelPath(Isa isa, int64_t M);
 
 struct PackedQParams {
   int64_t panel = kPanel;

@@ -1,14 +1,15 @@
 // AMX-INT8 GEMM tile for prefill (ISA "amx", M >= kAmxMinRows; fewer rows use
-// the avx512vnni512 kernels).  A task (<= 256 rows x <= 8 panels of 16 columns)
-// walks K in blocks of kKc: it unpacks the block's int4 weights once into int8
-// AMX B tiles (w - zero point, so tdpbssd gives the contract's isum directly),
-// then for each 32-row x 32-column block runs 2 x 2 tdpbssd tiles over the
-// block's K steps, reading A tiles straight from the quantized activations q
-// (row stride Kq, rows zero padded to a multiple of 32 by the driver).  At each
-// group end the int32 tiles are stored and folded into Y, which serves as the
-// float accumulator: y = fma(float(isum_g), scale_g, y) in group order, then
-// y = fma(y, s_a, bias) -- the same float operations as the zmm kernels.
-// Groups longer than kKc carry their int32 tiles in memory between K blocks.
+// the avx512vnni512 kernels).  A task (<= 256 rows x a few panels of 16 columns,
+// sized by the driver so that its unpacked weights stay in L2) unpacks its int4
+// weights once, for all K, into int8 AMX B tiles (w - zero point, so tdpbssd
+// gives the contract's isum directly).  Then per 32-row block it packs the
+// quantized activations (rows zero padded to a multiple of 32 by the driver) into
+// contiguous 16 x 64 A tiles, one K chunk of whole groups at a time (kept in L1
+// for all column pairs), and per 32-column pair runs 2 x 2 tdpbssd tiles along
+// the chunk, the C tiles staying in registers within a group.  At each group end
+// the int32 tiles are stored and folded into the block's float accumulators:
+// acc = fma(float(isum_g), scale_g, acc) in group order, then y = fma(acc, s_a,
+// bias) -- the same float operations as the zmm kernels.
 // Linux requires a per-process permission for the tile data state
 // (arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)); without it the ISA is
 // reported unsupported and the driver uses the next one.
@@ -51,8 +52,6 @@ bool AmxGranted() {
 namespace amx {
 
 constexpr int kP = kPanelZmm;
-constexpr int64_t kKc = 256;        // K elements per unpacked weight block
-constexpr int64_t kMaxPanels = 8;   // panels per task (the driver's panel_block)
 constexpr int64_t kTileInts = 256;  // 16 x 16 int32 per C tile
 
 // Tiles 0-3: C (16 rows x 16 int32), 4-5: A (16 rows x kstep int8), 6-7: B (kstep/4 rows x 64 bytes).
@@ -64,66 +63,90 @@ struct alignas(64) TileConfig {
   uint8_t rows[16];
 };
 
-// wbuf[panel][k / 4][16 columns x 4 bytes] = w - zp for k in [k0, k1) of panels [p0, p1).
-FPTQ_TGT_AMX static void UnpackWeights(const TileArgs& a, int64_t p0, int64_t p1, int64_t k0, int64_t k1,
-                                       int8_t* wbuf) {
-  const int64_t G = a.G, ng = a.n_groups, panel_bytes = ng * G * 8;
+template <typename T>
+static T* Align64(std::vector<T>* v, size_t n) {
+  if (v->size() < n + 64) v->resize(n + 64);
+  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(v->data()) + 63) & ~uintptr_t{63});
+}
+
+// wbuf[panel][k / 4][16 columns x 4 bytes] = w - zp, all K, panels [p0, p1).
+FPTQ_TGT_AMX static void UnpackWeights(const TileArgs& a, int64_t p0, int64_t p1, int8_t* wbuf) {
+  const int64_t G = a.G, ng = a.n_groups, Kp = ng * G, panel_bytes = Kp * 8;
   const __m512i m4 = _mm512_set1_epi8(0x0F), rep = _mm512_set1_epi32(0x01010101);
   for (int64_t p = p0; p < p1; ++p) {
-    const uint8_t* src = a.B_packed + p * panel_bytes + (k0 / 8) * 64;
-    int8_t* dst = wbuf + (p - p0) * kKc * 16;
-    __m512i zpv = _mm512_setzero_si512();
-    for (int64_t k = k0; k < k1; k += 8, src += 64, dst += 128) {
-      if (k == k0 || k % G == 0) {
-        const uint8_t* z = a.qp->zp.data() + (p * ng + k / G) * kP;
-        zpv = _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))), rep);
+    const uint8_t* src = a.B_packed + p * panel_bytes;
+    int8_t* dst = wbuf + (p - p0) * Kp * 16;
+    for (int64_t g = 0; g < ng; ++g) {
+      const uint8_t* z = a.qp->zp.data() + (p * ng + g) * kP;
+      const __m512i zpv =
+          _mm512_mullo_epi32(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(z))), rep);
+      for (int64_t t = 0; t < G / 8; ++t, src += 64, dst += 128) {
+        const __m512i v = _mm512_loadu_si512(src);
+        _mm512_store_si512(dst, _mm512_sub_epi8(_mm512_and_si512(v, m4), zpv));
+        _mm512_store_si512(dst + 64, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), zpv));
       }
-      const __m512i v = _mm512_loadu_si512(src);
-      _mm512_store_si512(dst, _mm512_sub_epi8(_mm512_and_si512(v, m4), zpv));
-      _mm512_store_si512(dst + 64, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), zpv));
     }
   }
 }
 
-// Folds group g's int32 tiles (rows rb..rb+31, panels p, p+1) into Y.
+// abuf[(k - k0) / kstep][32 rows][kstep] = q rows rb..rb+31, k in [k0, k1):
+// each A tile one contiguous 16 x kstep block (q's own rows are Kq bytes apart).
+FPTQ_TGT_AMX static void PackActivations(const TileArgs& a, int64_t rb, int64_t k0, int64_t k1, int64_t kstep,
+                                         int8_t* abuf) {
+  for (int r = 0; r < 32; ++r) {
+    const int8_t* src = a.q + (rb + r) * a.Kq;
+    if (kstep == 64) {
+      for (int64_t k = k0; k < k1; k += 64)
+        _mm512_store_si512(abuf + (k - k0) * 32 + 64 * r, _mm512_loadu_si512(src + k));
+    } else {
+      for (int64_t k = k0; k < k1; k += kstep)
+        std::memcpy(abuf + (k - k0) * 32 + kstep * r, src + k, static_cast<size_t>(kstep));
+    }
+  }
+}
+
+// Folds group g's int32 tiles (rows rb..rb+31, panels p, p+1) into the float
+// accumulators facc[32 rows][row stride fs] (columns of panel p first); after the
+// last group writes Y.
 FPTQ_TGT_AMX static void GroupEpilogue(const TileArgs& a, int64_t rb, int64_t r1, int64_t p, int64_t p1, int64_t g,
-                                       int32_t* cbuf) {
+                                       int32_t* cbuf, float* facc, int64_t fs) {
   _tile_stored(0, cbuf + 0 * kTileInts, 64);
   _tile_stored(1, cbuf + 1 * kTileInts, 64);
   _tile_stored(2, cbuf + 2 * kTileInts, 64);
   _tile_stored(3, cbuf + 3 * kTileInts, 64);
   const bool first = g == 0, last = g == a.n_groups - 1;
+  const int64_t rows = std::min<int64_t>(32, r1 - rb);
   for (int j = 0; j < 2 && p + j < p1; ++j) {
     const int64_t n0 = (p + j) * kP, nn = std::min<int64_t>(kP, a.N - n0);
     const __m512 s = _mm512_loadu_ps(a.qp->scales.data() + ((p + j) * a.n_groups + g) * kP);
     alignas(64) float bias[kP] = {};
     if (last && a.bias) std::copy(a.bias + n0, a.bias + n0 + nn, bias);
     const __m512 vb = _mm512_load_ps(bias);
-    for (int i = 0; i < 2; ++i) {
-      const int32_t* c = cbuf + (2 * i + j) * kTileInts;  // tile 2i + j = A tile i x B tile j
-      for (int rr = 0; rr < 16; ++rr) {
-        const int64_t row = rb + 16 * i + rr;
-        if (row >= r1) break;
-        const __m512 isum = _mm512_cvtepi32_ps(_mm512_load_si512(c + 16 * rr));
-        float* y = a.Y + row * a.N + n0;
-        alignas(64) float part[kP] = {};
-        if (nn < kP && !first) std::copy(y, y + nn, part);
-        __m512 acc = first ? _mm512_setzero_ps() : (nn == kP ? _mm512_loadu_ps(y) : _mm512_load_ps(part));
-        acc = _mm512_fmadd_ps(isum, s, acc);
-        if (last) acc = _mm512_fmadd_ps(acc, _mm512_set1_ps(a.sa[row]), vb);
-        if (nn == kP) {
-          _mm512_storeu_ps(y, acc);
-        } else {
-          _mm512_store_ps(part, acc);
-          std::copy(part, part + nn, y);
-        }
+    for (int64_t r = 0; r < rows; ++r) {
+      const int32_t* c = cbuf + (2 * (r / 16) + j) * kTileInts + 16 * (r % 16);  // tile 2i + j = A tile i x B tile j
+      float* f = facc + r * fs + 16 * j;
+      __m512 acc = first ? _mm512_setzero_ps() : _mm512_load_ps(f);
+      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c)), s, acc);
+      if (!last) {
+        _mm512_store_ps(f, acc);
+        continue;
+      }
+      const int64_t row = rb + r;
+      acc = _mm512_fmadd_ps(acc, _mm512_set1_ps(a.sa[row]), vb);
+      float* y = a.Y + row * a.N + n0;
+      if (nn == kP) {
+        _mm512_storeu_ps(y, acc);
+      } else {  // partial panel: no store past the end of the row
+        alignas(64) float part[kP];
+        _mm512_store_ps(part, acc);
+        std::copy(part, part + nn, y);
       }
     }
   }
 }
 
 FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int64_t p0, int64_t p1) {
-  const int64_t G = a.G, Kp = a.n_groups * G, Kq = a.Kq;
+  const int64_t G = a.G, Kp = a.n_groups * G;
   const int64_t kstep = std::min<int64_t>(G, 64);
   const int64_t n_pairs = (p1 - p0 + 1) / 2, n_msub = (r1 - r0 + 31) / 32;
 
@@ -144,56 +167,49 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
   }
   _tile_loadconfig(&cfg);
 
-  alignas(64) int8_t wbuf[kMaxPanels * kKc * 16];  // 32 KiB
+  // The task's weights unpacked once for all K (per-thread scratch, reused by
+  // later tasks; L2 sized by the driver's panel block), then per 32-row block and
+  // per K chunk of whole groups (kc >= 256) the activations packed into abuf
+  // (L1), used by every column pair; float accumulators of the 32-row block in L1.
+  const int64_t kc = std::max<int64_t>(256, G), n_cols = 2 * n_pairs * kP;
+  thread_local std::vector<int8_t> w_store, a_store;
+  thread_local std::vector<float> f_store;
+  int8_t* wbuf = Align64(&w_store, static_cast<size_t>(2 * n_pairs * Kp * 16));
+  int8_t* abuf = Align64(&a_store, static_cast<size_t>(32 * kc));
+  float* facc = Align64(&f_store, static_cast<size_t>(32 * n_cols));
+  UnpackWeights(a, p0, p1, wbuf);
+  if ((p1 - p0) % 2) std::memset(wbuf + (p1 - p0) * Kp * 16, 0, static_cast<size_t>(Kp * 16));  // pad panel: w = 0
   alignas(64) int32_t cbuf[4 * kTileInts];
-  if ((p1 - p0) % 2) std::memset(wbuf + (p1 - p0) * kKc * 16, 0, kKc * 16);  // pad panel of an odd count: w = 0
-  const bool carry = G > kKc;
-  std::vector<int32_t> carried(carry ? static_cast<size_t>(n_msub * n_pairs * 4 * kTileInts) : 0);
 
-  for (int64_t k0 = 0; k0 < Kp; k0 += kKc) {
-    const int64_t k1 = std::min(k0 + kKc, Kp);
-    UnpackWeights(a, p0, p1, k0, k1, wbuf);
-    for (int64_t ms = 0; ms < n_msub; ++ms) {
-      const int64_t rb = r0 + 32 * ms;
-      const int8_t* q0 = a.q + rb * Kq;
-      const int8_t* q1 = q0 + 16 * Kq;
+  for (int64_t ms = 0; ms < n_msub; ++ms) {
+    const int64_t rb = r0 + 32 * ms;
+    for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
+      const int64_t k1 = std::min(k0 + kc, Kp);
+      PackActivations(a, rb, k0, k1, kstep, abuf);
       for (int64_t pr = 0; pr < n_pairs; ++pr) {
-        const int8_t* b0 = wbuf + 2 * pr * kKc * 16;
-        const int8_t* b1 = b0 + kKc * 16;
-        int32_t* cc = carry ? carried.data() + (ms * n_pairs + pr) * 4 * kTileInts : nullptr;
-        if (k0 % G != 0) {  // inside a group that began in an earlier K block
-          _tile_loadd(0, cc + 0 * kTileInts, 64);
-          _tile_loadd(1, cc + 1 * kTileInts, 64);
-          _tile_loadd(2, cc + 2 * kTileInts, 64);
-          _tile_loadd(3, cc + 3 * kTileInts, 64);
-        } else {
-          _tile_zero(0);
-          _tile_zero(1);
-          _tile_zero(2);
-          _tile_zero(3);
-        }
+        const int8_t* b0 = wbuf + 2 * pr * Kp * 16;
+        const int8_t* b1 = b0 + Kp * 16;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
         for (int64_t k = k0; k < k1; k += kstep) {
-          _tile_loadd(4, q0 + k, Kq);
-          _tile_loadd(5, q1 + k, Kq);
-          _tile_loadd(6, b0 + (k - k0) * 16, 64);
-          _tile_loadd(7, b1 + (k - k0) * 16, 64);
+          const int8_t* at = abuf + (k - k0) * 32;
+          _tile_loadd(4, at, kstep);
+          _tile_loadd(5, at + 16 * kstep, kstep);
+          _tile_loadd(6, b0 + k * 16, 64);
+          _tile_loadd(7, b1 + k * 16, 64);
           _tile_dpbssd(0, 4, 6);
           _tile_dpbssd(1, 4, 7);
           _tile_dpbssd(2, 5, 6);
           _tile_dpbssd(3, 5, 7);
           if ((k + kstep) % G == 0) {
-            GroupEpilogue(a, rb, r1, p0 + 2 * pr, p1, (k + kstep) / G - 1, cbuf);
+            GroupEpilogue(a, rb, r1, p0 + 2 * pr, p1, (k + kstep) / G - 1, cbuf, facc + 2 * pr * kP, n_cols);
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
           }
-        }
-        if (k1 % G != 0) {
-          _tile_stored(0, cc + 0 * kTileInts, 64);
-          _tile_stored(1, cc + 1 * kTileInts, 64);
-          _tile_stored(2, cc + 2 * kTileInts, 64);
-          _tile_stored(3, cc + 3 * kTileInts, 64);
         }
       }
     }

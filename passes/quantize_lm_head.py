@@ -39,9 +39,25 @@ class QuantizeLmHeadPass(ir.passes.InPlacePass):
 
 
 def _logits_matmul(graph: ir.Graph) -> ir.Node:
+    """The MatMul producing the logits, with B made a constant [K, V] initializer of its own.
+
+    The exporter folds a tied lm_head's transpose of the embedding into a constant for small
+    tables but leaves a Transpose node for large ones (SmolLM2's); that is folded here.
+    """
     output = next((v for v in graph.outputs if v.name == LOGITS), None)
     node = None if output is None else output.producer()
-    if node is None or node.op_type != "MatMul" or node.inputs[1] is None or node.inputs[1].const_value is None:
+    weight = None if node is None or node.op_type != "MatMul" else node.inputs[1]
+    transpose = None if weight is None else weight.producer()
+    if (transpose is not None and transpose.op_type == "Transpose" and transpose.inputs[0].const_value is not None
+            and list(transpose.attributes.get_ints("perm", [1, 0])) == [1, 0]):
+        source = transpose.inputs[0]
+        node.replace_input_with(1, add_initializer(graph, f"{LM_HEAD}.weight_kn",
+                                                   np.ascontiguousarray(source.const_value.numpy().T)))
+        if not transpose.outputs[0].uses():
+            graph.remove(transpose, safe=True)
+            drop_unused_initializers(graph, [source.name])  # an untied table read by nothing else
+        weight = node.inputs[1]
+    if weight is None or weight.const_value is None:
         raise FptqError(f"cannot find the lm_head: graph output '{LOGITS}' is not a MatMul with a constant weight")
     return node
 

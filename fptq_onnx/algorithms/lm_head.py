@@ -20,7 +20,7 @@ from fptq_onnx.plan import ActMode, EmbeddingPlan, LinearPlan, QuantPlan
 from fptq_onnx.quant import quantize_groups, quantize_int8_per_channel
 
 # Forward passes spent measuring the lm_head's input range (recorded, not used by per-token).
-RANGE_WINDOWS = 4
+RANGE_WINDOWS = 2
 
 
 def add_lm_head(plan: QuantPlan, model: torch.nn.Module, tokens: torch.Tensor) -> None:

@@ -30,19 +30,22 @@ def _norm() -> np.ndarray:
     return (0.5 + np.random.default_rng(1).random(H)).astype(np.float32)
 
 
-def _build(logits_op: str = "MatMul") -> ir.Model:
+def _build(logits_op: str = "MatMul", transpose: bool = False) -> ir.Model:
+    """transpose: B = Transpose(E) as a node (the exporter leaves it unfolded for large tables)."""
     table = _table()
     nodes = [
         helper.make_node("Gather", ["embed", "input_ids"], ["h"], axis=0, name="node_embedding"),
         helper.make_node("Mul", ["h", "norm"], ["n"], name="model.norm"),
         helper.make_node(logits_op, ["n", "val_7"], ["logits"], name="node_linear_7"),
     ]
+    if transpose:
+        nodes.insert(0, helper.make_node("Transpose", ["embed"], ["val_7"], perm=[1, 0], name="node_transpose"))
     graph = helper.make_graph(
         nodes, "tiny_head",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", "S"])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", "S", V])],
         initializer=[numpy_helper.from_array(table, "embed"), numpy_helper.from_array(_norm(), "norm"),
-                     numpy_helper.from_array(table.T.copy(), "val_7")],
+                     *([] if transpose else [numpy_helper.from_array(table.T.copy(), "val_7")])],
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
     onnx.checker.check_model(proto)
@@ -69,9 +72,11 @@ def _embedding_plan() -> EmbeddingPlan:
     return EmbeddingPlan("model.embed_tokens", LM_HEAD, quantize_int8_per_channel(_table().T.copy(), symmetric=True))
 
 
-def test_names_lm_head_and_quantizes_the_tied_embedding():
+@pytest.mark.parametrize("transpose", [False, True], ids=["folded", "transpose-node"])
+def test_names_lm_head_and_quantizes_the_tied_embedding(transpose):
     emb = _embedding_plan()
-    m = QuantizeLmHeadPass(emb)(_build()).model
+    m = QuantizeLmHeadPass(emb)(_build(transpose=transpose)).model
+    assert t.op_count(m, "Transpose") == 0 and t.node(m, LM_HEAD).inputs[1].const_value is not None
     assert t.node(m, LM_HEAD).op_type == "MatMul"
     assert "embed" not in m.graph.initializers  # the fp32 table is gone
     rows = t.init(m, "model.embed_tokens.weight_q")
@@ -99,9 +104,12 @@ def _head_plan(act_mode: ActMode) -> QuantPlan:
     return plan
 
 
-def test_w4a8_form_lowers_lm_head_to_the_custom_op():
+@pytest.mark.parametrize("transpose", [False, True], ids=["folded", "transpose-node"])
+def test_w4a8_form_lowers_lm_head_to_the_custom_op(transpose):
     plan = _head_plan(ActMode.PER_TOKEN)
-    m = apply_format(_build(), plan, "w4a8")
+    m = apply_format(_build(transpose=transpose), plan, "w4a8")
+    assert not [n for n in m.graph.initializers.values() if n.const_value.dtype == ir.DataType.FLOAT
+                and n.const_value.size == V * H]  # no fp32 table or head weight left
     assert t.node(m, LM_HEAD).op_type == "W4A8MatMul" and t.op_count(m, "MatMul") == 0
     assert t.node(m, LM_HEAD).attributes.get_string("act_mode") == "per_token"
     ref = _reference(plan.embedding.weight.dequantize().T, plan.linears[LM_HEAD].weight.dequantize(), per_token=True)

@@ -64,8 +64,8 @@ def evaluate(
     """Run ``tasks`` and return JSON-able ``{task: {metric: value, ..., "n": count, "seconds", rate}}``.
 
     ``data_dir`` falls back to ``$FPTQ_DATA_DIR``. ``limit`` caps the items per
-    task (MMLU: per subject) and the windows per corpus; ``windows`` sets a
-    corpus's window count (default: all; C4: 256). ``seqlen`` is the perplexity
+    task (MMLU: per subject), and the windows per corpus unless ``windows`` sets
+    them (default: all; C4: the first 256). ``seqlen`` is the perplexity
     window; ``max_length`` is the model's maximum context (tasks truncate their
     context from the left to fit it; a ``seqlen`` above it is an error).
     ``num_fewshot`` applies to MMLU-schema tasks. Names, files, schemas and

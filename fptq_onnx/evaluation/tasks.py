@@ -46,11 +46,11 @@ TaskResult = dict[str, Any]
 
 @dataclass(frozen=True)
 class RunOptions:
-    """What every runner may use; ``limit`` caps items (and windows, for a corpus)."""
+    """What every runner may use; ``limit`` caps items, and a corpus's windows unless ``windows`` is given."""
 
     seqlen: int = 2048
     limit: int | None = None
-    windows: int | None = None  # corpus windows; None = the task's default (all, C4: 256)
+    windows: int | None = None  # corpus windows; None = min(the task's default (all; C4: 256), limit)
     max_length: int | None = None
     progress: bool = False
     num_fewshot: int = 0
@@ -75,11 +75,11 @@ def items_bar(items: list, task: TaskSpec, opts: RunOptions) -> tqdm:
 
 
 def run_corpus(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: RunOptions) -> TaskResult:
-    """Perplexity of a text corpus over ``min(windows, limit)`` non-overlapping windows."""
-    windows = opts.windows if opts.windows is not None else task.windows
-    caps = [c for c in (windows, opts.limit) if c is not None]
-    return perplexity_of_file(scorer, tokenizer, path, opts.seqlen, min(caps) if caps else None, opts.max_length,
-                              opts.progress, joiner=task.joiner, desc=task.name)
+    """Perplexity of a text corpus over ``windows`` windows if given, else ``min(task's default, limit)``."""
+    caps = [c for c in (task.windows, opts.limit) if c is not None]
+    windows = opts.windows if opts.windows is not None else min(caps, default=None)
+    return perplexity_of_file(scorer, tokenizer, path, opts.seqlen, windows, opts.max_length, opts.progress,
+                              joiner=task.joiner, desc=task.name)
 
 
 def run_cloze(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: RunOptions) -> TaskResult:

@@ -330,7 +330,8 @@ def test_c4_joins_documents_with_spaces_and_stops_at_256_windows(tmp_path: Path)
     assert len(joined) // 8 > 256 and res["n"] == 256 and "windows_per_s" in res
     assert sum(seen, []) == joined[: 256 * 8]
     assert run_task("c4", uniform_scorer, TOK, tmp_path, seqlen=8, windows=3)["n"] == 3
-    assert run_task("c4", uniform_scorer, TOK, tmp_path, seqlen=8, windows=300, limit=2)["n"] == 2
+    assert run_task("c4", uniform_scorer, TOK, tmp_path, seqlen=8, limit=2)["n"] == 2
+    assert run_task("c4", uniform_scorer, TOK, tmp_path, seqlen=8, windows=300, limit=2)["n"] == 300  # --windows wins
 
 
 # ---- MMLU ----------------------------------------------------------------------------------------

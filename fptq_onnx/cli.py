@@ -146,12 +146,13 @@ def eval_(
     data_dir: Annotated[Optional[str], typer.Option(help="Data dir; default $FPTQ_DATA_DIR.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = ORT default).")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
+    allow_calibration_overlap: Annotated[bool, typer.Option("--allow-calibration-overlap", help="Score a perplexity on the model's own calibration text anyway (marked in the output).")] = False,
 ) -> None:
     """Evaluate through ONNX Runtime: perplexity, zero-shot tasks and MMLU; prints JSON."""
     from fptq_onnx.evaluation_cli import run_eval
 
     run_eval(onnx_model, [t.strip() for t in task.split(",") if t.strip()], seqlen, limit, data_dir,
-             threads or None, json_out, windows, num_fewshot)
+             threads or None, json_out, windows, num_fewshot, allow_calibration_overlap)
 
 
 @app.command()
@@ -172,6 +173,7 @@ def compare(
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = ORT default).")] = 0,
     force: Annotated[bool, typer.Option(help="Rebuild and re-score everything instead of resuming.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (.bin) weights, which can run code.")] = False,
+    allow_calibration_overlap: Annotated[bool, typer.Option("--allow-calibration-overlap", help="Score a perplexity on the calibration text anyway (marked in the table).")] = False,
 ) -> None:
     """Quantize one model with several methods, score each through ONNX Runtime, write a table and a chart."""
     from fptq_onnx.calibration import CalibrationConfig
@@ -183,6 +185,7 @@ def compare(
         calibration=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
                                       data_dir=data_dir),
         force=force, verify=verify, threads=threads or None, allow_pickle=allow_pickle,
+        allow_calibration_overlap=allow_calibration_overlap,
     )
     print(table.read_text())
 

@@ -156,6 +156,17 @@ def _check_calibration(calibration: CalibrationConfig, rows) -> CalibrationConfi
     return calibration
 
 
+def _check_overlap(calibration: CalibrationConfig, rows, tasks: list[str], data_dir: str | None,
+                   allow: bool) -> list[str]:
+    """Perplexity tasks whose corpus is the calibration text: refused unless allowed (then marked)."""
+    from fptq_onnx.calibration import RANDOM_SOURCE, text_path
+    from fptq_onnx.leakage import check_corpora, corpus_identity, perplexity_corpora
+
+    if all(spec.is_float for spec, _, _ in rows) or calibration.source == RANDOM_SOURCE:
+        return []
+    return check_corpora(corpus_identity(text_path(calibration)), perplexity_corpora(tasks, data_dir), allow)
+
+
 def method_format(module) -> str:
     """The ONNX format a method is evaluated in: its FORMAT (ort-acc4: native), else qdq."""
     return getattr(module, "FORMAT", "qdq")
@@ -343,7 +354,10 @@ def render_table(report: dict) -> str:
         f"{ev['seqlen']} tokens; at most {_cap(ev.get('limit'))} windows per perplexity task and "
         f"{_cap(ev.get('item_limit', ev.get('limit')))} items per zero-shot task "
         f"(n per task in {RESULTS_FILE}). Calibration: {cal.get('source')} {cal.get('samples')} x {cal.get('seqlen')} "
-        "tokens, shared by every method. Size: model.onnx + model.onnx.data, MB = 10^6 bytes. "
+        "tokens, shared by every method"
+        + (f" — **{', '.join(report['calibration_overlap'])} scored on the calibration text: optimistic**"
+           if report.get("calibration_overlap") else "")
+        + ". Size: model.onnx + model.onnx.data, MB = 10^6 bytes. "
         "Formats: qdq except ORT-native methods (ort-acc4: MatMulNBits accuracy_level 4).",
     ]
     return "\n".join(notes) + "\n"
@@ -429,6 +443,7 @@ def compare_command(
     threads: int | None = None,
     allow_pickle: bool = False,
     progress: bool = True,
+    allow_calibration_overlap: bool = False,
 ) -> Path:
     """Convert `model_arg` with every method, evaluate each through ORT, write results; returns comparison.md."""
     from fptq_onnx.convert import ConvertOptions, write_format
@@ -449,6 +464,7 @@ def compare_command(
     if calibration.data_dir is None and data_dir is not None:
         calibration = dataclasses.replace(calibration, data_dir=data_dir)
     calibration = _check_calibration(calibration, rows)
+    overlap = _check_overlap(calibration, rows, task_names, data_dir, allow_calibration_overlap)
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FptqError(f"{out_dir} exists and is not a directory")
@@ -466,6 +482,8 @@ def compare_command(
         "calibration": calibration.describe(),
         "methods": {},
     }
+    if overlap:
+        report["calibration_overlap"] = overlap
     convert_options = ConvertOptions(verify=verify, ppl_windows=0, data_dir=data_dir, calibration=calibration,
                                      force=True, allow_pickle=allow_pickle, progress=progress)
     for i, (spec, module, config) in enumerate(rows, 1):

@@ -24,12 +24,20 @@ def model_max_length(onnx_path: Path) -> int | None:
 
 
 def run_eval(onnx_path: Path, tasks: list[str], seqlen: int, limit: int | None, data_dir: str | None,
-             threads: int | None, json_out: Path | None, windows: int | None = None, num_fewshot: int = 0) -> dict:
-    """Score the model on every task; print the JSON report (per task: metrics, n, seconds, items/s)."""
+             threads: int | None, json_out: Path | None, windows: int | None = None, num_fewshot: int = 0,
+             allow_calibration_overlap: bool = False) -> dict:
+    """Score the model on every task; print the JSON report (per task: metrics, n, seconds, items/s).
+
+    A perplexity on the text the model was calibrated on is refused before any scoring
+    (`leakage.py`); allowed, it is marked in the report.
+    """
     from fptq_onnx.evaluation import evaluate
+    from fptq_onnx.leakage import check_corpora, model_calibration, perplexity_corpora
 
     if json_out is not None and not Path(json_out).parent.is_dir():
         raise FptqError(f"directory for --json does not exist: {Path(json_out).parent}")
+    overlap = check_corpora(model_calibration(onnx_path), perplexity_corpora(tasks, data_dir),
+                            allow_calibration_overlap)
     lm = OnnxCausalLM(onnx_path, threads=threads, spin=False)
     tokenizer = load_onnx_tokenizer(onnx_path)
     start = time.perf_counter()
@@ -38,6 +46,9 @@ def run_eval(onnx_path: Path, tasks: list[str], seqlen: int, limit: int | None, 
                        num_fewshot=num_fewshot)
     report = {"model": str(onnx_path), "seqlen": seqlen, "limit": limit, "windows": windows,
               "num_fewshot": num_fewshot, "seconds": round(time.perf_counter() - start, 1), "results": results}
+    if overlap:
+        report["calibration_overlap"] = overlap  # scored on the calibration text: optimistic
+        say(f"warning: {', '.join(overlap)} scored on the model's own calibration text (optimistic)")
     text = json.dumps(report, indent=2)
     print(text)
     if json_out is not None:

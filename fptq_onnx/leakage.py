@@ -68,6 +68,25 @@ def calibrated_on(calibration: dict, corpus: Path) -> bool:
     return recorded is not None and recorded == sha256(corpus)
 
 
+def perplexity_corpora(tasks: list[str], data_dir: str | None) -> dict[str, Path]:
+    """The corpus file of every perplexity task among `tasks` (the evaluation registry resolves them)."""
+    from fptq_onnx.evaluation.registry import canonical_name, resolve_task
+
+    corpora = {}
+    for task in dict.fromkeys(canonical_name(t) for t in tasks):
+        spec, path = resolve_task(task, data_dir)
+        if spec.schema.is_perplexity:
+            corpora[task] = path
+    return corpora
+
+
+def model_calibration(onnx_path: Path) -> dict | None:
+    """The calibration record of a converted model's manifest; None for a float export (no manifest)."""
+    from fptq_onnx.plan import manifest_path, read_manifest
+
+    return read_manifest(onnx_path).get("calibration") if manifest_path(Path(onnx_path)).is_file() else None
+
+
 def check_corpora(calibration: dict | None, corpora: dict[str, Path], allow: bool) -> list[str]:
     """The perplexity tasks whose corpus is the calibration text; an error unless `allow`.
 

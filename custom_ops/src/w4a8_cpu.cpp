@@ -233,12 +233,16 @@ void W4A8Compute(Isa isa, const W4A8Problem& pb, const Parallel& parallel) {
   const int64_t n_panels = pb.qp->n_panels;
   TileJob job{&ta, gemm ? kern.gemm : kern.tile, M, n_panels, 0, 0, 0};
   if (gemm) {
-    // Cache blocks: up to 256 rows x an even number (2..8) of panels whose
-    // unpacked int8 weights (K x 16 bytes per panel) fit ~768 KiB of L2.
-    job.row_block = std::min<int64_t>((M + 31) / 32 * 32, 256);
+    // Cache blocks: an even number (2..8) of panels whose unpacked int8 weights
+    // (K x 16 bytes per panel) fit ~768 KiB of L2, times as many rows as keep
+    // >= 16 tasks (each task unpacks its weights once: more rows amortize that).
     const int64_t unpacked_panel = at.n_groups() * G * 16;
     const int64_t fit = std::max<int64_t>(2, std::min<int64_t>(8, (int64_t{768} << 10) / unpacked_panel)) / 2 * 2;
     job.panel_block = std::min<int64_t>(n_panels, fit);
+    const int64_t n_pb = (n_panels + job.panel_block - 1) / job.panel_block;
+    job.row_block = std::min<int64_t>((M + 31) / 32 * 32, 1024);
+    while (job.row_block > 32 && n_pb * ((M + job.row_block - 1) / job.row_block) < 16)
+      job.row_block = (job.row_block / 2 + 31) / 32 * 32;
   } else {
     job.row_block = std::min<int64_t>(M, 64);
     // Tasks of >= ~256K multiply-adds (pool dispatch costs ~microseconds), but at

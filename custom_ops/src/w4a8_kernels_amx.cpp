@@ -105,15 +105,23 @@ FPTQ_TGT_AMX static void PackActivations(const TileArgs& a, int64_t rb, int64_t 
   }
 }
 
-// Folds group g's int32 tiles (rows rb..rb+31, panels p, p+1) into the float
-// accumulators facc[32 rows][row stride fs] (columns of panel p first); after the
-// last group writes Y.
-FPTQ_TGT_AMX static void GroupEpilogue(const TileArgs& a, int64_t rb, int64_t r1, int64_t p, int64_t p1, int64_t g,
-                                       int32_t* cbuf, float* facc, int64_t fs) {
+// Stores the C tiles to cbuf and zeroes them for the next group.
+FPTQ_TGT_AMX static inline void StoreAndZeroC(int32_t* cbuf) {
   _tile_stored(0, cbuf + 0 * kTileInts, 64);
   _tile_stored(1, cbuf + 1 * kTileInts, 64);
   _tile_stored(2, cbuf + 2 * kTileInts, 64);
   _tile_stored(3, cbuf + 3 * kTileInts, 64);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// Folds group g's int32 sums cbuf (rows rb..rb+31, panels p, p+1) into the float
+// accumulators facc[32 rows][row stride fs] (columns of panel p first); after the
+// last group writes Y.
+FPTQ_TGT_AMX static void FoldGroup(const TileArgs& a, int64_t rb, int64_t r1, int64_t p, int64_t p1, int64_t g,
+                                   const int32_t* cbuf, float* facc, int64_t fs) {
   const bool first = g == 0, last = g == a.n_groups - 1;
   const int64_t rows = std::min<int64_t>(32, r1 - rb);
   for (int j = 0; j < 2 && p + j < p1; ++j) {
@@ -179,7 +187,7 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
   float* facc = Align64(&f_store, static_cast<size_t>(32 * n_cols));
   UnpackWeights(a, p0, p1, wbuf);
   if ((p1 - p0) % 2) std::memset(wbuf + (p1 - p0) * Kp * 16, 0, static_cast<size_t>(Kp * 16));  // pad panel: w = 0
-  alignas(64) int32_t cbuf[4 * kTileInts];
+  alignas(64) int32_t cbuf[2 * 4 * kTileInts];  // two groups' sums (double buffer)
 
   for (int64_t ms = 0; ms < n_msub; ++ms) {
     const int64_t rb = r0 + 32 * ms;
@@ -193,6 +201,10 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
         _tile_zero(1);
         _tile_zero(2);
         _tile_zero(3);
+        // A group's sums are folded into facc only after the next group's first
+        // tdpbssd are issued, so the vector work overlaps the tile unit's.
+        int64_t pending = -1;  // group whose sums wait in cbuf[pending % 2]
+        float* fp = facc + 2 * pr * kP;
         for (int64_t k = k0; k < k1; k += kstep) {
           const int8_t* at = abuf + (k - k0) * 32;
           _tile_loadd(4, at, kstep);
@@ -203,14 +215,16 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
           _tile_dpbssd(1, 4, 7);
           _tile_dpbssd(2, 5, 6);
           _tile_dpbssd(3, 5, 7);
+          if (pending >= 0) {
+            FoldGroup(a, rb, r1, p0 + 2 * pr, p1, pending, cbuf + (pending % 2) * 4 * kTileInts, fp, n_cols);
+            pending = -1;
+          }
           if ((k + kstep) % G == 0) {
-            GroupEpilogue(a, rb, r1, p0 + 2 * pr, p1, (k + kstep) / G - 1, cbuf, facc + 2 * pr * kP, n_cols);
-            _tile_zero(0);
-            _tile_zero(1);
-            _tile_zero(2);
-            _tile_zero(3);
+            pending = (k + kstep) / G - 1;
+            StoreAndZeroC(cbuf + (pending % 2) * 4 * kTileInts);
           }
         }
+        if (pending >= 0) FoldGroup(a, rb, r1, p0 + 2 * pr, p1, pending, cbuf + (pending % 2) * 4 * kTileInts, fp, n_cols);
       }
     }
   }

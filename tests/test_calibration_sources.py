@@ -124,21 +124,28 @@ def test_default_calibration_shares_no_64_token_span_with_evaluation_windows(dat
 
 @pytest.fixture(scope="module")
 def calibrated_on_corpus(cli, tiny_checkpoint, tiny_onnx, tmp_path_factory):
-    """A tiny model converted with a local text file as calibration, and that file."""
+    """A tiny model converted with the default calibration from a data dir, and the text it read."""
     import onnx_ir as ir
 
     from fptq_onnx import convert
 
     root = tmp_path_factory.mktemp("leak")
-    corpus = root / "my_corpus.txt"
-    corpus.write_text(WIKI)
+    corpus = root / "c4-train.jsonl"
+    corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in WIKI.splitlines()))
     out = root / "tiny.onnx"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(convert, "export_float", lambda model, spec: ir.load(tiny_onnx["llama"]))
-        result = cli("convert", tiny_checkpoint, out, "--format", "qdq", "--calib", corpus, "--calib-samples", "2",
+        result = cli("convert", tiny_checkpoint, out, "--format", "qdq", "--data-dir", root, "--calib-samples", "2",
                      "--calib-seqlen", "8", "--group-size", "16", "--ppl-windows", "0", "--no-verify")
     assert result.code == 0, result.stderr
     return out, corpus
+
+
+def test_default_convert_records_c4(calibrated_on_corpus):
+    out, corpus = calibrated_on_corpus
+    manifest = json.loads(out.with_name("tiny.manifest.json").read_text())
+    assert manifest["calibration"]["source"] == "c4" and manifest["calibration_overlaps_eval"] is False
+    assert manifest["calibration"]["sha256"] == leakage.sha256(corpus)
 
 
 def test_eval_refuses_perplexity_on_the_calibration_text(cli, calibrated_on_corpus):

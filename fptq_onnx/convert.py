@@ -23,7 +23,7 @@ from fptq_onnx.pipeline import LoadedModel, load, write_bundle
 from fptq_onnx.plan import QuantPlan, manifest_path, to_json
 from fptq_onnx.plot import plot_ranges
 from fptq_onnx.report import peak_rss_mb, say, step
-from fptq_onnx.saving import check_output_path
+from fptq_onnx.saving import atomic_file, check_output_path
 
 
 FORMAT_ACTIVATIONS = {
@@ -115,6 +115,7 @@ def write_format(float_model: ir.Model, plan: QuantPlan, fmt: str, path: Path, l
     # weight-only reference and reported, not bounded.
     explicit = fmt != "native"
     reference = apply_plan(loaded.model, loaded.spec, plan, activations=explicit) if options.verify else None
+    manifest_path(path).unlink(missing_ok=True)  # written last, so a manifest always belongs to its model
     parity = write_bundle(model, path, loaded, reference, options.tolerance if explicit else None,
                           plan_parity_ids(loaded), "noise" if explicit else "max")
     manifest = plan.manifest(
@@ -123,8 +124,10 @@ def write_format(float_model: ir.Model, plan: QuantPlan, fmt: str, path: Path, l
     )
     if options.ppl_windows > 0:
         manifest["quick_perplexity"] = quick_perplexity(path, reference, loaded, options)
-    manifest_path(path).write_text(to_json(manifest))
-    plot_ranges(manifest, path.with_name(path.stem + ".ranges.png"))
+    with atomic_file(path.with_name(path.stem + ".ranges.png")) as png:
+        plot_ranges(manifest, png)
+    with atomic_file(manifest_path(path)) as file:
+        file.write_text(to_json(manifest))
     say(f"  wrote {path}, {manifest_path(path).name}, {path.stem}.ranges.png")
     return manifest
 

@@ -39,6 +39,7 @@ import torch
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.saving import pause_point
 
 PLACEHOLDER = "fptq-streaming-placeholder"
 _WRAPPER_PREFIX = "lm."
@@ -176,6 +177,8 @@ class ExternalDataWriter:
             written += len(data)
             del data
         self.file.flush()
+        if written:
+            pause_point("external-data")
         return written
 
     def close(self) -> None:

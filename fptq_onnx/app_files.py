@@ -138,6 +138,7 @@ def portable_tokenizer_config(path: Path, tokenizer) -> None:
     if data.get("tokenizer_class") in _V5_ONLY_TOKENIZER_CLASSES:
         data["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
     data.setdefault("model_input_names", list(tokenizer.model_input_names))
+    data.pop("local_files_only", None)  # how this run loaded it ($HF_HUB_OFFLINE): would make outputs differ
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 

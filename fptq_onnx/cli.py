@@ -141,7 +141,7 @@ def eval_(
     task: Annotated[str, typer.Option(help="Comma list: wikitext2, c4, lambada, piqa, arc_easy, winogrande, mmlu, or a local .txt/.jsonl file (a text corpus, or multiple choice detected by its fields).")] = "wikitext2",
     seqlen: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 2048,
     limit: Annotated[Optional[int], typer.Option(help="At most this many items per task (MMLU: per subject), and windows per corpus unless --windows.")] = None,
-    windows: Annotated[Optional[int], typer.Option(help="Perplexity windows per corpus (default: all, c4 the first 256, at most --limit).")] = None,
+    windows: Annotated[Optional[int], typer.Option(help="Perplexity windows per corpus; given, --limit does not cap them (default: all, c4 the first 256, capped by --limit).")] = None,
     num_fewshot: Annotated[int, typer.Option(help="MMLU: exemplars per question, the first of each subject (not scored).")] = 0,
     data_dir: Annotated[Optional[str], typer.Option(help="Data dir; default $FPTQ_DATA_DIR.")] = None,
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = ORT default).")] = 0,

@@ -71,7 +71,7 @@ def gold_in(options_field: str, gold_field: str = "gold") -> Callable[[dict[str,
 
 def items_bar(items: list, task: TaskSpec, opts: RunOptions) -> tqdm:
     """Progress over items; tqdm's rate is the items/s the harness reports."""
-    return tqdm(items, desc=task.name, unit="item", disable=not opts.progress)
+    return tqdm(items, desc=Path(task.name).name, unit="item", disable=not opts.progress)
 
 
 def run_corpus(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: RunOptions) -> TaskResult:

@@ -1,4 +1,4 @@
-"""`fptq-onnx eval` end to end on a tiny exported model: MMLU (k-shot) and C4 options, and a bad task file."""
+"""`fptq-onnx eval` / `compare` end to end on tiny models: MMLU (k-shot), C4 options, a local task file, a bad one."""
 
 from __future__ import annotations
 
@@ -28,12 +28,15 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
+def mmlu_rows() -> list[dict]:
+    return [{"subject": s, "question": f"what is {w} ?", "choices": ["one", "two", "three", "four"], "answer": i % 4}
+            for s in ("world", "tests") for i, w in enumerate(["the fox", "paris", "the dog"])]
+
+
 def test_eval_mmlu_fewshot_and_c4_windows(tiny_bundle: Path, tmp_path: Path, cli) -> None:
     data = tmp_path / "data"
     write_jsonl(data / "c4-validation.jsonl", [{"text": t} for t in TOKENIZER_TEXTS] * 4)
-    rows = [{"subject": s, "question": f"what is {w} ?", "choices": ["one", "two", "three", "four"], "answer": i % 4}
-            for s in ("world", "tests") for i, w in enumerate(["the fox", "paris", "the dog"])]
-    write_jsonl(data / "tasks" / "mmlu.jsonl", rows)
+    write_jsonl(data / "tasks" / "mmlu.jsonl", mmlu_rows())
     out = tmp_path / "eval.json"
     res = cli("eval", tiny_bundle, "--task", "mmlu,c4", "--data-dir", data, "--num-fewshot", "1",
               "--seqlen", "8", "--windows", "2", "--json", out)
@@ -50,3 +53,17 @@ def test_eval_file_of_no_known_schema_is_one_error_line(tiny_bundle: Path, tmp_p
     res = cli("eval", tiny_bundle, "--task", odd)
     assert res.code == 1 and len(res.error_lines) == 1 and "Traceback" not in res.stderr
     assert "fit no known task schema" in res.error_lines[0]
+
+
+def test_compare_scores_mmlu_c4_and_a_local_choice_file(tiny_checkpoint: Path, tmp_path: Path, cli) -> None:
+    data = tmp_path / "data"
+    write_jsonl(data / "c4-validation.jsonl", [{"text": t} for t in TOKENIZER_TEXTS] * 4)
+    write_jsonl(data / "tasks" / "mmlu.jsonl", mmlu_rows())
+    mine = write_jsonl(tmp_path / "mine.jsonl", [{"query": "the quick", "choices": ["fox", "dog"], "gold": 0}] * 3)
+    out = tmp_path / "cmp"
+    res = cli("compare", tiny_checkpoint, "--out", out, "--methods", "fp32", "--tasks", f"mmlu,c4,{mine}",
+              "--limit", "2", "--item-limit", "1", "--seqlen", "8", "--calib", "random", "--data-dir", data)
+    assert res.code == 0, res.stderr
+    assert "| MMLU acc | C4 ppl | ppl / fp32 | mine.jsonl acc | mine.jsonl acc_norm |" in res.stdout
+    results = json.loads((out / "results.json").read_text())["methods"]["fp32"]["results"]
+    assert results["mmlu"]["n"] == 2 and results["c4"]["n"] == 2 and results[str(mine)]["n"] == 1

@@ -206,6 +206,11 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
         int64_t pending = -1;  // group whose sums wait in cbuf[pending % 2]
         float* fp = facc + 2 * pr * kP;
         for (int64_t k = k0; k < k1; k += kstep) {
+          if (k % G == 0) {  // the group's scales, read by its fold (they fall out of L1 between row blocks)
+            const float* sc = a.qp->scales.data() + ((p0 + 2 * pr) * a.n_groups + k / G) * kP;
+            _mm_prefetch(reinterpret_cast<const char*>(sc), _MM_HINT_T0);
+            if (p0 + 2 * pr + 1 < p1) _mm_prefetch(reinterpret_cast<const char*>(sc + a.n_groups * kP), _MM_HINT_T0);
+          }
           const int8_t* at = abuf + (k - k0) * 32;
           _tile_loadd(4, at, kstep);
           _tile_loadd(5, at + 16 * kstep, kstep);

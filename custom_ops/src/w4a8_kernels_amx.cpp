@@ -117,37 +117,58 @@ FPTQ_TGT_AMX static inline void StoreAndZeroC(int32_t* cbuf) {
   _tile_zero(3);
 }
 
+// Writes y = fma(acc, s_a, bias) for one row of one 16-column panel (the last may be partial).
+FPTQ_TGT_AMX static inline void StoreRow(const TileArgs& a, int64_t row, int64_t n0, __m512 acc, __m512 bias) {
+  const int64_t nn = std::min<int64_t>(kP, a.N - n0);
+  acc = _mm512_fmadd_ps(acc, _mm512_set1_ps(a.sa[row]), bias);
+  float* y = a.Y + row * a.N + n0;
+  if (nn == kP) {
+    _mm512_storeu_ps(y, acc);
+  } else {  // partial panel: no store past the end of the row
+    alignas(64) float part[kP];
+    _mm512_store_ps(part, acc);
+    std::copy(part, part + nn, y);
+  }
+}
+
 // Folds group g's int32 sums cbuf (rows rb..rb+31, panels p, p+1) into the float
-// accumulators facc[32 rows][row stride fs] (columns of panel p first); after the
-// last group writes Y.
+// accumulators facc[32 rows][row stride fs] (panel p's 16 columns, then p+1's; a
+// pad panel p+1 >= p1 has zero sums and is never stored); after the last group
+// writes Y.
 FPTQ_TGT_AMX static void FoldGroup(const TileArgs& a, int64_t rb, int64_t r1, int64_t p, int64_t p1, int64_t g,
                                    const int32_t* cbuf, float* facc, int64_t fs) {
-  const bool first = g == 0, last = g == a.n_groups - 1;
+  const bool first = g == 0, last = g == a.n_groups - 1, has1 = p + 1 < p1;
+  const float* sc = a.qp->scales.data() + (p * a.n_groups + g) * kP;
+  const __m512 s0 = _mm512_loadu_ps(sc);
+  const __m512 s1 = has1 ? _mm512_loadu_ps(sc + a.n_groups * kP) : _mm512_setzero_ps();
+  const __m512 zero = _mm512_setzero_ps();
   const int64_t rows = std::min<int64_t>(32, r1 - rb);
-  for (int j = 0; j < 2 && p + j < p1; ++j) {
-    const int64_t n0 = (p + j) * kP, nn = std::min<int64_t>(kP, a.N - n0);
-    const __m512 s = _mm512_loadu_ps(a.qp->scales.data() + ((p + j) * a.n_groups + g) * kP);
-    alignas(64) float bias[kP] = {};
-    if (last && a.bias) std::copy(a.bias + n0, a.bias + n0 + nn, bias);
-    const __m512 vb = _mm512_load_ps(bias);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int32_t* c = cbuf + (2 * (r / 16) + j) * kTileInts + 16 * (r % 16);  // tile 2i + j = A tile i x B tile j
-      float* f = facc + r * fs + 16 * j;
-      __m512 acc = first ? _mm512_setzero_ps() : _mm512_load_ps(f);
-      acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c)), s, acc);
-      if (!last) {
-        _mm512_store_ps(f, acc);
-        continue;
+  for (int i = 0; i < 2 && 16 * i < rows; ++i) {
+    const int32_t* c0 = cbuf + (2 * i) * kTileInts;  // tile 2i + j = A tile i x B tile j
+    const int32_t* c1 = c0 + kTileInts;
+    float* f = facc + 16 * i * fs;
+    const int64_t n = std::min<int64_t>(16, rows - 16 * i);
+    if (!last) {
+      for (int64_t r = 0; r < n; ++r, c0 += 16, c1 += 16, f += fs) {
+        const __m512 a0 = first ? zero : _mm512_load_ps(f), a1 = first ? zero : _mm512_load_ps(f + 16);
+        _mm512_store_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c0)), s0, a0));
+        _mm512_store_ps(f + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c1)), s1, a1));
       }
-      const int64_t row = rb + r;
-      acc = _mm512_fmadd_ps(acc, _mm512_set1_ps(a.sa[row]), vb);
-      float* y = a.Y + row * a.N + n0;
-      if (nn == kP) {
-        _mm512_storeu_ps(y, acc);
-      } else {  // partial panel: no store past the end of the row
-        alignas(64) float part[kP];
-        _mm512_store_ps(part, acc);
-        std::copy(part, part + nn, y);
+      continue;
+    }
+    alignas(64) float bias[2][kP] = {};
+    for (int j = 0; j < (has1 ? 2 : 1) && a.bias; ++j) {
+      const int64_t n0 = (p + j) * kP;
+      std::copy(a.bias + n0, a.bias + n0 + std::min<int64_t>(kP, a.N - n0), bias[j]);
+    }
+    const __m512 b0 = _mm512_load_ps(bias[0]), b1 = _mm512_load_ps(bias[1]);
+    for (int64_t r = 0; r < n; ++r, c0 += 16, c1 += 16, f += fs) {
+      const int64_t row = rb + 16 * i + r;
+      const __m512 a0 = first ? zero : _mm512_load_ps(f);
+      StoreRow(a, row, p * kP, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c0)), s0, a0), b0);
+      if (has1) {
+        const __m512 a1 = first ? zero : _mm512_load_ps(f + 16);
+        StoreRow(a, row, (p + 1) * kP, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_load_si512(c1)), s1, a1), b1);
       }
     }
   }

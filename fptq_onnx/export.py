@@ -6,7 +6,8 @@ model's norm weights all collapse into one). The graph passes need stable,
 unshared handles, so after export every decoder linear becomes a MatMul named
 after its module (`model.layers.0.self_attn.q_proj`) whose B input is its own
 initializer `<module>.weight` of shape [K, N], and every norm weight becomes
-`<norm>.weight`. The plan's keys are those names.
+`<norm>.weight`, holding what the norm multiplies by (its weight, or 1 + weight for
+Gemma's RMSNorm, as the exporter folds it). The plan's keys are those names.
 """
 
 from __future__ import annotations
@@ -30,7 +31,14 @@ _WRAPPER_ATTR = "lm"
 
 
 class KVCacheWrapper(torch.nn.Module):
-    """Flat-tensor signature (Optimum's names) around an HF causal LM with a DynamicCache."""
+    """Flat-tensor signature (Optimum's names) around an HF causal LM with a DynamicCache.
+
+    Every layer gets a full cache layer, sliding-window ones too (Gemma, Mistral): the
+    graph then keeps one KV layout (past + new tokens for every layer, which runtimes
+    and genai expect) and the window lives in the attention mask, instead of the
+    exported truncation of a sliding cache layer, which indexes past its input once
+    the past reaches the window.
+    """
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
@@ -41,7 +49,7 @@ class KVCacheWrapper(torch.nn.Module):
         from transformers import DynamicCache
 
         model = getattr(self, _WRAPPER_ATTR)
-        cache = DynamicCache(config=model.config)
+        cache = DynamicCache()
         for layer in range(self.num_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
         out = model(
@@ -172,7 +180,8 @@ def canonicalize(ir_model: ir.Model, model: torch.nn.Module, spec: ArchSpec, wei
                 ):
                     seen_norms.add(scope)
                     node.name = scope
-                    node.replace_input_with(index, _initializer(graph, f"{scope}.weight", weight_of(f"{scope}.weight")))
+                    multiplier = _norm_multiplier(spec, scope, value.const_value, weight_of(f"{scope}.weight"))
+                    node.replace_input_with(index, _initializer(graph, f"{scope}.weight", multiplier))
     missing = sorted(linear_names - seen_linears) + sorted(norm_names - seen_norms)
     if missing:
         raise FptqError(f"export lost track of {len(missing)} modules (e.g. {missing[0]}); architecture not supported")
@@ -183,6 +192,22 @@ def canonicalize(ir_model: ir.Model, model: torch.nn.Module, spec: ArchSpec, wei
             graph.initializers.pop(name)
             value.name = name[len(prefix):]
             graph.register_initializer(value)
+
+
+def _norm_multiplier(spec: ArchSpec, scope: str, exported: ir.TensorProtocol, weight: np.ndarray) -> np.ndarray:
+    """The value a norm's Mul multiplies by: w, or offset + w (Gemma), as the exporter folded it.
+
+    `<norm>.weight` in the graph holds this multiplier, so folding 1/s into it is one
+    division for every architecture. Checked against the exported constant, which
+    also checks the registry entry's `norm_offset`.
+    """
+    multiplier = spec.norm_multiplier(np.asarray(weight, dtype=np.float32))
+    if not np.allclose(exported.numpy(), multiplier, rtol=1e-6, atol=1e-6):
+        raise FptqError(
+            f"{scope} multiplies by a constant that is not {spec.norm_offset:g} + its weight; "
+            f"the '{spec.name}' entry's norm_offset does not fit this model"
+        )
+    return multiplier
 
 
 def _module_scope(node: ir.Node, modules: set[str]) -> str | None:

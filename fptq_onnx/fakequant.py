@@ -12,7 +12,7 @@ import copy
 import torch
 
 from fptq_onnx.calibration import decoder_linears
-from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.models.registry import ArchSpec, fold_norm_scale
 from fptq_onnx.passes.quantize_activations import PER_TOKEN_EPS
 from fptq_onnx.plan import ActMode, QuantPlan
 from fptq_onnx.quant import INT8_MAX
@@ -38,7 +38,7 @@ def apply_plan(model: torch.nn.Module, spec: ArchSpec, plan: QuantPlan, activati
             source = modules[eq.source]
             side = torch.from_numpy(eq.source_side())
             if eq.kind == "norm":
-                source.weight.div_(side)
+                source.weight.copy_(fold_norm_scale(source.weight, side, spec.norm_offset))
             else:
                 source.weight.div_(side[:, None])
                 if source.bias is not None:

@@ -32,6 +32,9 @@ class LinearPair:
     producer: str
     consumer: str
     per_head: bool = False
+    # False where the producer is fused (Phi-3's qkv_proj, gate_up_proj): the rows that feed the
+    # consumer are a slice the fold cannot address, so the consumer is quantized but never folded.
+    foldable: bool = True
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class ArchSpec:
     pairs: tuple[LinearPair, ...]
     # Linears that are never quantized (their input is the final norm; the paper keeps them float).
     keep_float: tuple[str, ...] = ("lm_head",)
+    # The norms of `groups` compute x_hat * (norm_offset + w): Gemma's RMSNorm stores w with 1 subtracted.
+    norm_offset: float = 0.0
     io_inputs: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
     past_key_format: str = "past_key_values.{layer}.{kind}"
     present_key_format: str = "present.{layer}.{kind}"
@@ -53,6 +58,10 @@ class ArchSpec:
         return tuple(name for group in self.groups for name in group.linears) + tuple(
             pair.consumer for pair in self.pairs
         )
+
+    def norm_multiplier(self, weight):
+        """What a group norm multiplies by (numpy or torch): the value a scale folds into."""
+        return weight + self.norm_offset if self.norm_offset else weight
 
     def past_names(self, num_layers: int) -> list[str]:
         return [self.past_key_format.format(layer=i, kind=k) for i in range(num_layers) for k in ("key", "value")]
@@ -70,12 +79,49 @@ _LLAMA_LIKE_PAIRS = (
     LinearPair("mlp.up_proj", "mlp.down_proj"),
 )
 
+_GEMMA_GROUPS = (
+    EqualizationGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    EqualizationGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+_GEMMA_NOTES = (
+    "RMSNorm x_hat * (1 + w) (norm_offset 1); sandwich norms: post_attention_layernorm and "
+    "post_feedforward_layernorm follow o_proj / down_proj and take no fold; GeGLU (gelu tanh) MLP; "
+    "embeddings scaled by sqrt(hidden); sliding-window layers export with the full cache and the window "
+    "in the mask; tied lm_head"
+)
+
 ARCHITECTURES: tuple[ArchSpec, ...] = (
     ArchSpec("llama", ("llama",), "model.layers", _LLAMA_LIKE_GROUPS, _LLAMA_LIKE_PAIRS, notes="LLaMA 1/2/3, SmolLM"),
     ArchSpec("mistral", ("mistral",), "model.layers", _LLAMA_LIKE_GROUPS, _LLAMA_LIKE_PAIRS),
     ArchSpec("qwen2", ("qwen2",), "model.layers", _LLAMA_LIKE_GROUPS, _LLAMA_LIKE_PAIRS, notes="q/k/v carry biases"),
     ArchSpec("qwen3", ("qwen3",), "model.layers", _LLAMA_LIKE_GROUPS, _LLAMA_LIKE_PAIRS, notes="per-head q/k norms after the projections"),
+    ArchSpec("gemma2", ("gemma2",), "model.layers", _GEMMA_GROUPS, _LLAMA_LIKE_PAIRS, norm_offset=1.0,
+             notes=_GEMMA_NOTES + "; attention and final logit softcapping (tanh)"),
+    ArchSpec("gemma3_text", ("gemma3_text",), "model.layers", _GEMMA_GROUPS, _LLAMA_LIKE_PAIRS, norm_offset=1.0,
+             notes=_GEMMA_NOTES + "; per-head q/k norms (also 1 + w, not folded into); local/global RoPE bases"),
+    ArchSpec(
+        "phi3", ("phi3",), "model.layers",
+        (
+            EqualizationGroup("input_layernorm", ("self_attn.qkv_proj",)),
+            EqualizationGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
+        ),
+        (
+            LinearPair("self_attn.qkv_proj", "self_attn.o_proj", foldable=False),
+            LinearPair("mlp.gate_up_proj", "mlp.down_proj", foldable=False),
+        ),
+        notes="fused qkv_proj and gate_up_proj: o_proj / down_proj read a slice of their rows (v, up), which "
+              "the fold does not address, so these pairs never fold (per-token or static without LAE)",
+    ),
 )
+
+
+def fold_norm_scale(weight, side, offset: float):
+    """A norm weight (numpy or torch) with 1/side folded in, for a norm multiplying by offset + w.
+
+    (offset + w') = (offset + w) / s, so w' = (offset + w) / s - offset; the graph side
+    holds offset + w itself (export.canonicalize) and divides it by s.
+    """
+    return (weight + offset) / side - offset if offset else weight / side
 
 
 def supported_model_types() -> list[str]:

@@ -2,6 +2,8 @@
 
 On its own this pass leaves the model's float function unchanged (X/s · W·s = X·W),
 which is what its test checks; quantization of the equalized weights comes after.
+A norm's `<norm>.weight` holds what it multiplies by (Gemma: 1 + w, see
+export.canonicalize), so dividing it by s is right for every architecture.
 """
 
 from __future__ import annotations

@@ -90,7 +90,7 @@ def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, confi
             m = stats[name].max_abs
             if m < config.v0:
                 plan.linears[name] = static(name, "static", None, f"max {m:.1f} < v0={config.v0:g}")
-            elif m < config.v1 and config.fold_pairs:
+            elif m < config.v1 and config.fold_pairs and pair.foldable:
                 producer_side = lae_scales(grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads))
                 consumer_side = expand_heads(producer_side, heads, kv_heads) if pair.per_head else producer_side
                 eq = Equalization(producer, "linear", [name], consumer_side, "lae",

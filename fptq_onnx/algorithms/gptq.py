@@ -29,7 +29,7 @@ from fptq_onnx.algorithms.common import check_group_size
 from fptq_onnx.algorithms.sequential import sequential_layers
 from fptq_onnx.calibration import Calibration, decoder_linears
 from fptq_onnx.errors import FptqError
-from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.models.registry import ArchSpec, fold_norm_scale
 from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
 from fptq_onnx.quant import QuantizedWeight, int_range, num_groups
 
@@ -234,15 +234,17 @@ def _input_groups(spec: ArchSpec) -> list[tuple[str, ...]]:
     return [tuple(g.linears) for g in spec.groups] + [(p.consumer,) for p in spec.pairs]
 
 
-def apply_equalizations_torch(model: torch.nn.Module, equalizations: list[Equalization]) -> None:
-    """In place, like fakequant.apply_plan: norm weight / s, producer rows (and bias) / s, consumer columns * s."""
+def apply_equalizations_torch(model: torch.nn.Module, equalizations: list[Equalization],
+                              norm_offset: float = 0.0) -> None:
+    """In place, like fakequant.apply_plan: norm weight / s (ArchSpec.norm_offset: Gemma's 1 + w),
+    producer rows (and bias) / s, consumer columns * s."""
     modules = dict(model.named_modules())
     with torch.no_grad():
         for eq in equalizations:
             source = modules[eq.source]
             side = torch.from_numpy(np.asarray(eq.source_side(), np.float32))
             if eq.kind == "norm":
-                source.weight.div_(side)
+                source.weight.copy_(fold_norm_scale(source.weight, side, norm_offset))
             else:
                 source.weight.div_(side[:, None])
                 if getattr(source, "bias", None) is not None:
@@ -316,7 +318,7 @@ def gptq_weights(
     same equalizations.
     """
     work = copy.deepcopy(model).eval()
-    apply_equalizations_torch(work, equalizations)
+    apply_equalizations_torch(work, equalizations, spec.norm_offset)
     return run_gptq(work, spec, calib.tokens, group_size, symmetric, bits, damp, block_size, act_order, mse)
 
 

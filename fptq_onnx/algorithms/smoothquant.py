@@ -90,7 +90,7 @@ def smoothing(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, alpha:
             out.append(Equalization(prefix + group.norm, "norm", names, s, "smoothquant"))
         if not fold_pairs:
             continue
-        for pair in spec.pairs:
+        for pair in (pair for pair in spec.pairs if pair.foldable):
             name, producer = prefix + pair.consumer, prefix + pair.producer
             x_max = grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads)
             w_max = grouped_head_scale(weight_input_max([weights[name]]), pair, heads, kv_heads)

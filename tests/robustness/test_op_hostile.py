@@ -144,6 +144,7 @@ EXTERNAL = {
     "inside": (dict(location="weights.bin"), None),
     "dotdot": (dict(location="../outside.bin"), r"escapes model directory|outside"),
     "absolute": (dict(location="ABS"), r"(?i)absolute path not allowed|escapes model directory"),
+    "symlink-out": (dict(location="link.bin"), r"escapes model directory"),
     "past-end": (dict(location="weights.bin", offset=B.nbytes // 2), r"[Ee]xternal|offset|length|exceed|out of bounds"),
     "huge-length": (dict(location="weights.bin", length=2**40), r"[Ee]xternal|length|exceed|size"),
     "missing-file": (dict(location="nope.bin"), r"nope\.bin|[Ee]xternal|open|exist"),
@@ -157,6 +158,8 @@ def test_external_data_stays_inside_the_model_directory(tmp_path, case):
     if kwargs["location"] == "ABS":
         kwargs = {**kwargs, "location": str(tmp_path / "outside.bin")}
     path = _external_model(tmp_path, **kwargs)
+    if case == "symlink-out":
+        (path.parent / "link.bin").symlink_to(tmp_path / "outside.bin")
     if pattern is None:
         (y,) = session(str(path)).run(None, {"A": A})
         np.testing.assert_array_equal(y, CASE.reference(A))

@@ -215,3 +215,38 @@ def test_convert_paper_recipe_passes_parity(arch, make_tiny_checkpoint, cli, tmp
     expected = {f"{spec.layers_path}.{layer}.{linear}" for layer in range(2) for linear in spec.linears()}
     assert set(manifest["linears"]) == expected
     assert manifest["counts"].get("lae+static", 0) > 0
+
+
+# --------------------------------------------------------------------------- GGUF
+
+
+def test_gguf_loads_the_same_model(arch, tiny_models, tmp_path):
+    """A llama.cpp-layout GGUF of the tiny model (written offline) loads back with every tensor equal."""
+    pytest.importorskip("gguf")
+    from tiny import write_tiny_gguf
+
+    from fptq_onnx.loading import load_model, load_tokenizer
+    from fptq_onnx.sources import resolve
+
+    model = tiny_models[arch]
+    write_tiny_gguf(model, tmp_path / "tiny.gguf")
+    source = resolve(str(tmp_path / "tiny.gguf"))
+    loaded = load_model(source)
+    assert loaded.config.model_type == arch
+    expected, got = model.state_dict(), loaded.state_dict()
+    assert set(got) == set(expected)
+    for name, tensor in expected.items():
+        torch.testing.assert_close(got[name], tensor, rtol=0, atol=0, msg=name)
+    assert load_tokenizer(source).decode(load_tokenizer(source)("the capital")["input_ids"]).endswith("the capital")
+
+
+def test_export_from_gguf(tiny_models, tmp_path, cli):
+    """`export` of a Gemma-3 GGUF: loaded through transformers' GGUF reader, checked against torch."""
+    pytest.importorskip("gguf")
+    from tiny import write_tiny_gguf
+
+    write_tiny_gguf(tiny_models["gemma3_text"], tmp_path / "tiny.gguf")
+    (tmp_path / "out").mkdir()
+    result = cli("export", tmp_path / "tiny.gguf", tmp_path / "out" / "m.onnx")
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "out" / "m.onnx").is_file()

@@ -7,7 +7,10 @@ group size, symmetry; round-to-nearest) and, when they quantize activations, per
 (its input, the final norm's output, carries outlier channels no per-tensor scale covers), so the
 w4a8 form runs it as one more fptq.W4A8MatMul. A tied embedding becomes int8 rows with a scale
 per row: a lookup reads a few rows, so int8 costs nothing in speed and keeps the input side
-near-lossless. Measured cost and speed: bench/accuracy_smollm2.md, bench/e2e_cpu.md.
+near-lossless. Why int4 + per-token rather than int8 per-channel: in ONNX Runtime an int8 weight
+is a DequantizeLinear run on every call (100x slower at M=1 than W4A8MatMul on this shape,
+bench/lm_head_cpu.py). The price is accuracy: +24% WikiText-2 ppl on SmolLM2 with the paper
+recipe (bench/e2e_cpu.md), so it is opt-in and not part of `--recipe best`.
 """
 
 from __future__ import annotations

@@ -13,6 +13,12 @@ STRATEGY_COLORS = {
 }
 
 
+def _layer(name: str) -> int | None:
+    """'model.layers.3.mlp.up_proj' -> 3; None outside the decoder layers (lm_head)."""
+    parts = name.split(".")
+    return int(parts[2]) if len(parts) > 2 and parts[2].isdigit() else None
+
+
 def plot_ranges(manifest: dict, path: Path) -> None:
     import matplotlib
 
@@ -21,11 +27,14 @@ def plot_ranges(manifest: dict, path: Path) -> None:
 
     linears = manifest["linears"]
     names = list(linears)
+    after = 1 + max((layer for n in names if (layer := _layer(n)) is not None), default=-1)
     kinds = sorted({n.rsplit(".", 1)[-1] for n in names}, key=lambda k: [n.rsplit(".", 1)[-1] for n in names].index(k))
     fig, axes = plt.subplots(len(kinds), 1, figsize=(11, 1.9 * len(kinds) + 1), sharex=True, squeeze=False)
     config = manifest.get("config", {})
     for ax, kind in zip(axes[:, 0], kinds):
-        rows = [(int(n.split(".")[2]), linears[n]) for n in names if n.endswith("." + kind)]
+        # a linear outside the layers (lm_head, --quantize-lm-head) is drawn right after the last layer
+        rows = [(layer if (layer := _layer(n)) is not None else after, linears[n])
+                for n in names if n == kind or n.endswith("." + kind)]
         for layer, info in rows:
             color = STRATEGY_COLORS.get(info["strategy"], "#000000")
             ax.bar(layer, info["max_abs"], color=color, width=0.8)

@@ -21,13 +21,23 @@ ModelArg = Annotated[
     Optional[str],
     typer.Argument(help="HF checkpoint dir, a .gguf file (or dir holding one), or 'smollm2-135m' (the default)."),
 ]
-OutArg = Annotated[Path, typer.Argument(help="Output .onnx path (tokenizer and config are written beside it).")]
+OutArg = Annotated[
+    Optional[Path],
+    typer.Argument(help="Output .onnx path (tokenizer and config are written beside it); default model.onnx."),
+]
+
+
+def model_and_output(model: str | None, out: Path | None) -> tuple[str | None, Path]:
+    """`cmd OUT.onnx` alone means the default model into OUT.onnx (README: `cmd [MODEL] OUT.onnx`)."""
+    if out is None and model is not None and model.lower().endswith(".onnx"):
+        return None, Path(model)
+    return model, out or Path("model.onnx")
 
 
 @app.command()
 def export(
     model: ModelArg = None,
-    out: OutArg = Path("model.onnx"),
+    out: OutArg = None,
     force: Annotated[bool, typer.Option(help="Overwrite an existing output.")] = False,
     verify: Annotated[bool, typer.Option(help="Check torch vs ONNX Runtime logits after export.")] = True,
     tolerance: Annotated[float, typer.Option(help="Max abs logits difference allowed by the check.")] = 1e-3,
@@ -36,6 +46,7 @@ def export(
     """Export the float model with KV cache (Optimum I/O names), verified against torch."""
     from fptq_onnx.pipeline import export_command
 
+    model, out = model_and_output(model, out)
     export_command(model, out, force=force, verify=verify, tolerance=tolerance, allow_pickle=allow_pickle)
 
 
@@ -60,7 +71,7 @@ def generate(
 @app.command()
 def convert(
     model: ModelArg = None,
-    out: OutArg = Path("model.onnx"),
+    out: OutArg = None,
     method: Annotated[Optional[str], typer.Option(help="Quantization method (see `fptq-onnx methods`); default fptq.")] = None,
     recipe: Annotated[Optional[str], typer.Option(help="A named method + options: fptq (the paper) or best (accuracy first).")] = None,
     format: Annotated[str, typer.Option("--format", help="Comma list of qdq, w4a8, native; the first is OUT, others OUT.<fmt>.onnx.")] = "qdq,w4a8",
@@ -111,6 +122,7 @@ def convert(
         allow_pickle=allow_pickle, stream=stream, max_memory=max_memory,
         quantize_lm_head=recipe_lm_head if quantize_lm_head is None else quantize_lm_head,
     )
+    model, out = model_and_output(model, out)
     convert_command(model, out, options)
 
 

@@ -74,6 +74,18 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(formats))
 
 
+def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> ir.Model:
+    """Run passes in order; a user error raised inside one comes out as itself, not as onnx-ir's PassError."""
+    try:
+        return ir.passes.PassManager(passes)(model).model
+    except ir.passes.PassError as exc:
+        cause = exc.__cause__ or exc.__context__
+        while cause is not None and not isinstance(cause, FptqError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:
+            raise cause from None
+        raise
+
+
 def apply_format(model: ir.Model, plan: QuantPlan, fmt: str) -> ir.Model:
-    passes = ir.passes.PassManager([*FORMATS[fmt](plan), ir.passes.common.TopologicalSortPass()])
-    return passes(model).model
+    return run_passes(model, [*FORMATS[fmt](plan), ir.passes.common.TopologicalSortPass()])

@@ -13,9 +13,24 @@ def load_config(source: ModelSource):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(source.path, gguf_file=source.gguf_file, trust_remote_code=False)
     except (OSError, ValueError, KeyError) as exc:
         raise FptqError(f"cannot read the model config in {source.label}: {_first_line(exc)}") from None
+    check_shapes(config, source.label)
+    return config
+
+
+def check_shapes(config, label: str) -> None:
+    """Attention shapes must divide before any weight is read (torch would fail mid-forward otherwise)."""
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    hidden = getattr(config, "hidden_size", None)
+    if not heads or not hidden:
+        return
+    if heads % kv_heads:
+        raise FptqError(f"{label}: num_attention_heads {heads} does not divide by num_key_value_heads {kv_heads}")
+    if getattr(config, "head_dim", None) is None and hidden % heads:
+        raise FptqError(f"{label}: hidden_size {hidden} does not divide by num_attention_heads {heads}")
 
 
 def load_model(source: ModelSource, trust_remote_code: bool = False) -> torch.nn.Module:

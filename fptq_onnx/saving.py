@@ -60,12 +60,19 @@ def _partial_prefix() -> str:
 
 
 def check_output_path(path: Path, force: bool) -> None:
-    """Fail early (before minutes of work) on outputs that cannot or must not be written."""
+    """Fail early (before minutes of work) on outputs that cannot or must not be written.
+
+    A missing output directory is created (as `mkdir -p` would), not refused.
+    """
     if path.suffix != ".onnx":
         raise FptqError(f"output must end in .onnx: {path}")
     parent = path.parent
-    if not parent.is_dir():
-        raise FptqError(f"output directory does not exist: {parent}")
+    if parent.exists() and not parent.is_dir():
+        raise FptqError(f"output directory is a file: {parent}")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise FptqError(f"cannot create the output directory {parent} ({exc.strerror})") from None
     try:  # os.access says yes to root even where writes fail (read-only mounts, /sys)
         os.rmdir(tempfile.mkdtemp(prefix=_partial_prefix(), dir=parent))
     except OSError as exc:

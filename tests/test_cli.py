@@ -119,12 +119,6 @@ def test_unsupported_architecture_names_supported(cli, tmp_path, out_dir):
 # --------------------------------------------------------------------------- bad outputs
 
 
-def test_output_in_missing_dir(cli, tiny_checkpoint, tmp_path):
-    result = cli("export", tiny_checkpoint, tmp_path / "nodir" / "m.onnx")
-    assert_user_error(result, "output directory does not exist")
-    assert not (tmp_path / "nodir").exists()
-
-
 def test_output_not_onnx(cli, tiny_checkpoint, out_dir):
     assert_user_error(cli("export", tiny_checkpoint, out_dir / "model.txt"), "must end in .onnx", out_dir)
 

@@ -1,7 +1,7 @@
-"""Calibration: token batches from a source, and per-linear input statistics from torch hooks.
+"""Calibration: token windows from a source, and the per-linear input statistics algorithms read.
 
-Memory stays bounded: hooks keep running per-channel maxima and sums plus one
-max per token, never the activations themselves.
+The statistics are recorded by the layer walk's hooks (layer_walk.LayerStats): running
+per-channel maxima and sums plus one max per token, never the activations themselves.
 """
 
 from __future__ import annotations
@@ -11,11 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.leakage import corpus_identity, is_evaluation_text
-from fptq_onnx.models.registry import ArchSpec
 
 RANDOM_SOURCE = "random"
 C4_SOURCE = "c4"
@@ -92,13 +90,6 @@ class Calibration:
         return out
 
 
-def calibrate(model: torch.nn.Module, spec: ArchSpec, tokenizer, config: CalibrationConfig,
-              progress: bool = True) -> Calibration:
-    config = resolve_source(config)
-    tokens = calibration_tokens(config, tokenizer, model.config.vocab_size)
-    return Calibration(tokens, collect_stats(model, spec, tokens, progress), config)
-
-
 def text_path(config: CalibrationConfig) -> Path:
     """The file a text source reads: a named corpus in the data dir, or the user's file."""
     from fptq_onnx.evaluation.data import data_file, resolve_data_dir
@@ -161,54 +152,3 @@ def calibration_tokens(config: CalibrationConfig, tokenizer, vocab_size: int) ->
     starts = torch.randint(0, len(ids) - config.seqlen, (config.samples,), generator=gen)
     tokens = torch.tensor(ids, dtype=torch.long)
     return torch.stack([tokens[s : s + config.seqlen] for s in starts.tolist()])
-
-
-def decoder_linears(model: torch.nn.Module, spec: ArchSpec) -> dict[str, torch.nn.Linear]:
-    """The quantizable linears, keyed by module name, in model order."""
-    return {
-        name: module
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.startswith(spec.layers_path + ".")
-    }
-
-
-def collect_stats(
-    model: torch.nn.Module, spec: ArchSpec, tokens: torch.Tensor, progress: bool = True
-) -> dict[str, LinearStats]:
-    """Run the calibration windows one by one and record every decoder linear's input stats."""
-    linears = decoder_linears(model, spec)
-    stats: dict[str, LinearStats] = {}
-    batch_index = [0]
-
-    def hook_for(name: str, k: int):
-        def hook(_module, args):
-            x = args[0].detach().reshape(-1, k).float()
-            if not torch.isfinite(x).all():
-                raise FptqError(
-                    f"NaN/inf in calibration activations at the input of {name} (sample {batch_index[0]}); "
-                    "the model or its weights are broken for this input"
-                )
-            absx = x.abs()
-            entry = stats.get(name)
-            if entry is None:
-                entry = stats[name] = LinearStats(torch.zeros(k), torch.zeros(k, dtype=torch.float64))
-            torch.maximum(entry.channel_max, absx.amax(dim=0), out=entry.channel_max)
-            entry.channel_abs_sum += absx.sum(dim=0, dtype=torch.float64)
-            entry.token_max.append(absx.amax(dim=1))
-            entry.tokens += x.shape[0]
-
-        return hook
-
-    handles = [m.register_forward_pre_hook(hook_for(n, m.in_features)) for n, m in linears.items()]
-    try:
-        with torch.no_grad():
-            for i in tqdm(range(tokens.shape[0]), desc="calibrating", unit="sample", disable=not progress):
-                batch_index[0] = i
-                model(input_ids=tokens[i : i + 1], use_cache=False)
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = set(linears) - set(stats)
-    if missing:
-        raise FptqError(f"calibration never reached {sorted(missing)[0]}; is the model complete?")
-    return stats

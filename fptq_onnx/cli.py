@@ -25,6 +25,10 @@ OutArg = Annotated[
     Optional[Path],
     typer.Argument(help="Output .onnx path (tokenizer and config are written beside it); default model.onnx."),
 ]
+DeviceOpt = Annotated[
+    Optional[str],
+    typer.Option(help="Where torch runs calibration, GPTQ and the weight searches: cpu or cuda (default: cuda if available)."),
+]
 
 
 def model_and_output(model: str | None, out: Path | None) -> tuple[str | None, Path]:
@@ -96,6 +100,7 @@ def convert(
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Process one decoder layer at a time from the safetensors files (for models larger than memory); default: stream when the whole model would not fit in --max-memory.")] = None,
     max_memory: Annotated[Optional[str], typer.Option(help="Memory budget, e.g. 20GB (default: 90% of RAM): decides auto-streaming; streaming refuses settings estimated above it.")] = None,
     quantize_lm_head: Annotated[Optional[bool], typer.Option("--quantize-lm-head/--no-quantize-lm-head", help="Quantize lm_head like the decoder linears (per-token int8 activations) and a tied embedding as int8 rows; default: the recipe's (off).")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Calibrate, apply the quantization method, export and write the quantized ONNX model(s)."""
     from fptq_onnx.calibration import CalibrationConfig
@@ -119,7 +124,7 @@ def convert(
                                       data_dir=data_dir),
         extra_options=_key_values(opt or []),
         verify=verify, tolerance=tolerance, ppl_windows=ppl_windows, data_dir=data_dir, force=force,
-        allow_pickle=allow_pickle, stream=stream, max_memory=max_memory,
+        allow_pickle=allow_pickle, stream=stream, max_memory=max_memory, device=device,
         quantize_lm_head=recipe_lm_head if quantize_lm_head is None else quantize_lm_head,
     )
     model, out = model_and_output(model, out)
@@ -186,17 +191,20 @@ def compare(
     force: Annotated[bool, typer.Option(help="Rebuild and re-score everything instead of resuming.")] = False,
     allow_pickle: Annotated[bool, typer.Option(help="Accept pickle (.bin) weights, which can run code.")] = False,
     allow_calibration_overlap: Annotated[bool, typer.Option("--allow-calibration-overlap", help="Score a perplexity on the calibration text anyway (marked in the table).")] = False,
+    stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read one decoder layer at a time from the safetensors files; default: when the model would not fit in memory.")] = None,
+    device: DeviceOpt = None,
 ) -> None:
     """Quantize one model with several methods, score each through ONNX Runtime, write a table and a chart."""
     from fptq_onnx.calibration import CalibrationConfig
-    from fptq_onnx.compare import compare_command, split_methods
+    from fptq_onnx.compare import compare_command
+    from fptq_onnx.compare_specs import split_methods
 
     table = compare_command(
         model, split_methods(methods), [t.strip() for t in tasks.split(",") if t.strip()], out_dir,
         limit=limit, item_limit=item_limit, seqlen=seqlen, data_dir=data_dir,
         calibration=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
                                       data_dir=data_dir),
-        force=force, verify=verify, threads=threads or None, allow_pickle=allow_pickle,
+        force=force, verify=verify, threads=threads or None, allow_pickle=allow_pickle, stream=stream, device=device,
         allow_calibration_overlap=allow_calibration_overlap,
     )
     print(table.read_text())

@@ -1,8 +1,11 @@
-"""`convert`: HF model -> calibrate (torch) -> decide per layer -> export -> passes -> save.
+"""`convert`: model -> layer walk (calibrate, plan, quantize, fill the graphs) -> checked bundle.
 
-Each requested format is written as its own bundle (model, data file, manifest,
-range plot, tokenizer/config), checked against the torch fake-quant reference of
-the same plan, and scored on a few perplexity windows.
+One pipeline for every method (layer_walk.py); `--stream` only changes where the
+decoder layers come from (layer_source.py): the model loaded whole, or one layer at a
+time from the safetensors files. Each requested format is written as its own bundle
+(model + external data, manifest, range plot, tokenizer/config), checked against the
+streamed torch fake-quant reference of the same plan, and scored on a few perplexity
+windows when the float model is in memory.
 """
 
 from __future__ import annotations
@@ -11,26 +14,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import onnx_ir as ir
+import torch
 
 from fptq_onnx import algorithms
-from fptq_onnx.calibration import CalibrationConfig, calibrate, resolve_source
+from fptq_onnx.calibration import CalibrationConfig, calibration_tokens, resolve_source
+from fptq_onnx.conversion import Conversion, ParityReference, output_paths, parity_text_ids, write_manifest
+from fptq_onnx.devices import resolve_device
 from fptq_onnx.errors import FptqError
-from fptq_onnx.export import export_float
-from fptq_onnx.fakequant import apply_plan
-from fptq_onnx.formats import apply_format
-from fptq_onnx.pipeline import LoadedModel, load, write_bundle
-from fptq_onnx.plan import QuantPlan, manifest_path, to_json
-from fptq_onnx.plot import plot_ranges
+from fptq_onnx.layer_source import CheckpointLayers, LayerSource, ModelLayers
+from fptq_onnx.layer_walk import MethodRun, walk
+from fptq_onnx.memory import GIB, estimate_memory, parse_memory, should_stream
 from fptq_onnx.report import peak_rss_mb, say, step
-from fptq_onnx.saving import atomic_file, check_output_path
-
-
-FORMAT_ACTIVATIONS = {
-    "qdq": "as planned: explicit int8 Q/DQ (static per-tensor or per-token)",
-    "w4a8": "as planned, inside fptq.W4A8MatMul (static per-tensor or per-token int8)",
-    "native": "ONNX Runtime MatMulNBits accuracy_level 4: per-K-block dynamic int8 (planned activation modes not used)",
-}
+from fptq_onnx.saving import check_output_path, staged_outputs, write_sidecars
 
 
 @dataclass
@@ -49,119 +44,133 @@ class ConvertOptions:
     force: bool = False
     allow_pickle: bool = False
     progress: bool = True
-    stream: bool | None = None  # layer-streaming path (streaming.py); None = when the model would not fit
+    stream: bool | None = None  # read layers from the checkpoint; None = when the model would not fit
     max_memory: str | None = None  # '20GB': the budget auto-streaming and the streaming check use
+    device: str | None = None  # 'cpu' | 'cuda' for calibration and weight search; None = cuda if available
     quantize_lm_head: bool = False  # plan lm_head (and a tied embedding) too: algorithms/lm_head.py
 
 
-def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
-    """The first format takes OUT.onnx; the others OUT.<format>.onnx."""
-    return {fmt: out if i == 0 else out.with_name(f"{out.stem}.{fmt}.onnx") for i, fmt in enumerate(formats)}
+def open_source(model_arg: str | None, stream: bool, allow_pickle: bool, calibration: CalibrationConfig,
+                formats: int, max_memory: int | None) -> LayerSource:
+    """The walk's source: the loaded model, or (stream) its safetensors checkpoint read layer by layer."""
+    from fptq_onnx import loading, sources
+    from fptq_onnx.models.registry import spec_for
+
+    if not stream:
+        from fptq_onnx.pipeline import load
+
+        loaded = load(model_arg, allow_pickle=allow_pickle)
+        return ModelLayers(loaded.model, loaded.spec, loaded.tokenizer, loaded.source.label)
+    with step("resolving model (streaming layers from the checkpoint)"):
+        source = sources.resolve(model_arg, allow_pickle=False)
+        if source.gguf_file:
+            raise FptqError("--stream reads safetensors checkpoints; a GGUF model needs --no-stream")
+        config = loading.load_config(source)
+        spec = spec_for(config.model_type)
+        layers = CheckpointLayers(source, config, spec, loading.load_tokenizer(source))
+        estimate = estimate_memory(layers.ckpt, config, spec, calibration.samples, calibration.seqlen, formats)
+        say(f"  {source.label} ({config.model_type}, {config.num_hidden_layers} layers, "
+            f"{layers.ckpt.numel() / 1e9:.2f} B params); memory: {estimate.describe()}")
+        if max_memory is not None and estimate.streaming > max_memory:
+            raise FptqError(
+                f"streaming needs about {estimate.streaming / GIB:.1f} GB with these settings, over --max-memory "
+                f"{max_memory / GIB:.1f} GB; lower --calib-samples/--calib-seqlen or raise --max-memory")
+    return layers
+
+
+def graph_structure(source: LayerSource):
+    """The canonical float graph with placeholder decoder-linear weights (stream_export.export_structure)."""
+    from transformers import AutoModelForCausalLM
+
+    from fptq_onnx.stream_export import export_structure
+
+    linear_names = {source.prefix(i) + name for i in range(source.num_layers) for name in source.spec.linears()}
+    with step("exporting the graph structure (meta device, no weights)"):
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32).eval()
+        return export_structure(meta, source.spec, source.value, linear_names)
 
 
 def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -> dict[str, dict]:
-    from fptq_onnx import streaming
-
-    max_memory = streaming.parse_memory(options.max_memory)
-    stream = options.stream
-    if stream is None:
-        stream = streaming.should_stream(model_arg, options, max_memory)
-    if stream:
-        if options.quantize_lm_head:
-            raise FptqError("--quantize-lm-head is not supported with --stream yet")
-        return streaming.stream_convert(model_arg, out, options, max_memory)
     start = time.perf_counter()
     algorithm = algorithms.get(options.method)
     config = algorithms.make_config(algorithm, options.algorithm_options, options.extra_options)
+    device = resolve_device(options.device)
     paths = output_paths(out, options.formats)
     for path in paths.values():
         check_output_path(path, options.force)
-    loaded = load(model_arg, allow_pickle=options.allow_pickle)
-    plan = make_plan(loaded, algorithm, config, options)
-    say(f"  decisions: {plan.counts()}")
-    with step("exporting float model to ONNX"):
-        float_model = export_float(loaded.model, loaded.spec)
-    results = {}
+    max_memory = parse_memory(options.max_memory)
+    stream = options.stream if options.stream is not None else should_stream(model_arg, options, max_memory)
+    calib = resolve_source(options.calibration)
+    source = open_source(model_arg, stream, options.allow_pickle, calib, len(paths), max_memory)
+    tokens = calibration_tokens(calib, source.tokenizer, source.config.vocab_size)
+    structure = graph_structure(source)
+    with staged_outputs(out.parent) as stage:
+        reference = None
+        if options.verify:
+            reference = ParityReference(source, parity_text_ids(source.tokenizer), "native" in paths)
+        conversion = Conversion(structure, paths, stage, reference)
+        run = MethodRun(algorithm, config, [conversion], keep_weights=False)
+        try:
+            with step(f"walking the layers ({options.method}, {calib.source} {tokens.shape[0]} x {tokens.shape[1]} "
+                      f"tokens, {device})"):
+                walk(source, [run], tokens, calib, device, options.progress)
+            say(f"  decisions: {run.plan.counts()}")
+            with step("saving"):
+                conversion.save(run.plan)
+                write_sidecars(source.skeleton, source.tokenizer, stage, out.parent)
+        finally:
+            conversion.close()
+        del structure
+        parity = conversion.check(source, options.tolerance)
+        results = {}
+        for fmt, path in paths.items():
+            extra = {"recipe": options.recipe, "model": source.label, "architecture": source.spec.name,
+                     "device": str(device), "streamed": stream,
+                     "parity": parity[fmt].__dict__ if fmt in parity else None}
+            if options.ppl_windows > 0:
+                extra["quick_perplexity"] = quick_perplexity(conversion.staged[fmt], source, options)
+            results[fmt] = write_manifest(run.plan, fmt, path, stage, extra)
     for fmt, path in paths.items():
-        results[fmt] = write_format(float_model, plan, fmt, path, loaded, options)
+        say(f"  wrote {path} (+ {path.name}.data), {path.stem}.manifest.json, {path.stem}.ranges.png")
     say(f"converted in {time.perf_counter() - start:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
     return results
 
 
-def make_plan(loaded: LoadedModel, algorithm, config, options: ConvertOptions) -> QuantPlan:
-    source = resolve_source(options.calibration).source
-    with step(f"calibrating ({source}, {options.calibration.samples} x {options.calibration.seqlen} tokens)"):
-        calib = calibrate(loaded.model, loaded.spec, loaded.tokenizer, options.calibration, options.progress)
-    with step(f"planning ({options.method})"):
-        plan = algorithm.build_plan(loaded.model, loaded.spec, calib, config)
-    if options.quantize_lm_head:
-        from fptq_onnx.algorithms.lm_head import add_lm_head
-
-        with step("planning lm_head"):
-            add_lm_head(plan, loaded.model, calib.tokens)
-    return plan
-
-
-def _copy(model: ir.Model) -> ir.Model:
-    return ir.from_proto(ir.to_proto(model))
-
-
-def write_format(float_model: ir.Model, plan: QuantPlan, fmt: str, path: Path, loaded: LoadedModel,
-                 options: ConvertOptions) -> dict:
-    with step(f"applying passes for '{fmt}'"):
-        model = apply_format(_copy(float_model), plan, fmt)
-    # qdq and w4a8 are checked against the full fake-quant reference; native uses ORT's own
-    # per-block activation rounding, which torch does not model: it is compared with the
-    # weight-only reference and reported, not bounded.
-    explicit = fmt != "native"
-    reference = apply_plan(loaded.model, loaded.spec, plan, activations=explicit) if options.verify else None
-    manifest_path(path).unlink(missing_ok=True)  # written last, so a manifest always belongs to its model
-    parity = write_bundle(model, path, loaded, reference, options.tolerance if explicit else None,
-                          plan_parity_ids(loaded), "noise" if explicit else "max")
-    manifest = plan.manifest(
-        format=fmt, recipe=options.recipe, model=loaded.source.label, architecture=loaded.spec.name,
-        runtime_activations=FORMAT_ACTIVATIONS[fmt], parity=None if parity is None else parity.__dict__,
-    )
-    if options.ppl_windows > 0:
-        manifest["quick_perplexity"] = quick_perplexity(path, reference, loaded, options)
-    with atomic_file(path.with_name(path.stem + ".ranges.png")) as png:
-        plot_ranges(manifest, png)
-    with atomic_file(manifest_path(path)) as file:
-        file.write_text(to_json(manifest))
-    say(f"  wrote {path}, {manifest_path(path).name}, {path.stem}.ranges.png")
-    return manifest
-
-
-def plan_parity_ids(loaded: LoadedModel, length: int = 64):
-    """An in-distribution prompt for the parity check (text, not random tokens)."""
+def quick_perplexity(path: Path, source: LayerSource, options: ConvertOptions) -> dict | None:
+    """A few WikiText-2 windows through ONNX Runtime, and the float torch model for contrast (if in memory)."""
     import numpy as np
-
-    text = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
-            "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
-            "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure in the world.")
-    ids = loaded.tokenizer(text, add_special_tokens=False)["input_ids"][:length]
-    return np.array([ids], dtype=np.int64)
-
-
-def quick_perplexity(path: Path, reference, loaded: LoadedModel, options: ConvertOptions) -> dict | None:
-    """A few WikiText-2 windows through ONNX Runtime (and the float torch model for contrast)."""
-    import numpy as np
-    import torch
 
     from fptq_onnx.evaluation.perplexity import wikitext2_perplexity
     from fptq_onnx.runtime import OnnxCausalLM
 
+    if source.float_model is None:
+        say("  quick perplexity skipped (streamed: there is no float model in memory to compare with)")
+        return None
+    model = source.float_model
+
     def torch_scorer(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():
-            return loaded.model(input_ids=torch.from_numpy(ids)).logits.numpy()
+            return model(input_ids=torch.from_numpy(ids)).logits.numpy()
 
     kwargs = dict(data_dir=options.data_dir, seqlen=options.ppl_seqlen, limit=options.ppl_windows)
     try:
         with step(f"quick perplexity ({options.ppl_windows} WikiText-2 windows of {options.ppl_seqlen})"):
-            quantized = wikitext2_perplexity(OnnxCausalLM(path), loaded.tokenizer, **kwargs)["perplexity"]
-            floating = wikitext2_perplexity(torch_scorer, loaded.tokenizer, **kwargs)["perplexity"]
+            quantized = wikitext2_perplexity(OnnxCausalLM(path), source.tokenizer, **kwargs)["perplexity"]
+            floating = _float_perplexity(source, torch_scorer, kwargs)
             say(f"  perplexity: float {floating:.3f}, {path.name} {quantized:.3f} ({quantized / floating:.3f}x)")
     except FptqError as exc:
         say(f"  skipped quick perplexity: {exc}")
         return None
     return {"windows": options.ppl_windows, "seqlen": options.ppl_seqlen, "float": floating, "quantized": quantized}
+
+
+def _float_perplexity(source: LayerSource, scorer, kwargs: dict) -> float:
+    """The float model's quick perplexity, computed once per source (every format compares with it)."""
+    from fptq_onnx.evaluation.perplexity import wikitext2_perplexity
+
+    key = tuple(sorted(kwargs.items()))
+    cache = source.__dict__.setdefault("_float_ppl", {})
+    if key not in cache:
+        cache[key] = wikitext2_perplexity(scorer, source.tokenizer, **kwargs)["perplexity"]
+    return cache[key]

@@ -76,6 +76,8 @@ def parse_formats(text: str) -> list[str]:
 
 def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> ir.Model:
     """Run passes in order; a user error raised inside one comes out as itself, not as onnx-ir's PassError."""
+    if not passes:
+        return model
     try:
         return ir.passes.PassManager(passes)(model).model
     except ir.passes.PassError as exc:

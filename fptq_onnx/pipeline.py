@@ -1,4 +1,4 @@
-"""The steps every command shares: resolve and load a model, export it, write the bundle.
+"""`export` and what it shares with convert: resolve and load a model, write a float bundle.
 
 A bundle is the ONNX file plus what apps need beside it (config.json,
 generation_config.json, tokenizer files), the layout Optimum's
@@ -14,11 +14,11 @@ from pathlib import Path
 import onnx_ir as ir
 import torch
 
-from fptq_onnx import app_files, loading, sources
+from fptq_onnx import loading, sources
 from fptq_onnx.export import export_float
 from fptq_onnx.models.registry import ArchSpec, spec_for
 from fptq_onnx.report import peak_rss_mb, say, step
-from fptq_onnx.saving import check_output_path, stage_model, staged_outputs
+from fptq_onnx.saving import check_output_path, stage_model, staged_outputs, write_sidecars
 from fptq_onnx.verify import Parity, check_parity
 
 
@@ -43,21 +43,6 @@ def load(model_arg: str | None, allow_pickle: bool = False, trust_remote_code: b
     return LoadedModel(source, spec, model, tokenizer)
 
 
-def write_sidecars(directory: Path, loaded: LoadedModel, stage) -> None:
-    """config.json, generation_config.json and tokenizer files, staged like the model."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory(dir=directory) as tmp:
-        loaded.model.config.save_pretrained(tmp)
-        if loaded.model.generation_config is not None:
-            loaded.model.generation_config.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        app_files.write_app_files(directory, Path(tmp), loaded.model, loaded.tokenizer, stage)
-        for file in Path(tmp).iterdir():
-            if file.is_file():
-                file.rename(stage(file.name))
-
-
 def write_bundle(
     ir_model: ir.Model,
     out: Path,
@@ -72,7 +57,7 @@ def write_bundle(
     with staged_outputs(out.parent) as stage:
         with step(f"saving {out.name}"):
             staged = stage_model(stage, ir_model, out)
-            write_sidecars(out.parent, loaded, stage)
+            write_sidecars(loaded.model, loaded.tokenizer, stage, out.parent)
         if reference is not None:
             with step("checking parity (torch vs ONNX Runtime, prefill + decode)"):
                 parity = check_parity(reference, staged, tolerance, parity_ids, metric)

@@ -41,6 +41,15 @@ class QuantizedWeight:
     def dequantize(self) -> np.ndarray:
         return dequantize(self)
 
+    def slim(self) -> QuantizedWeight:
+        """Same shapes and settings, no data (zero-stride views): for plans whose values are on disk already."""
+
+        def empty(a: np.ndarray) -> np.ndarray:
+            return np.broadcast_to(np.zeros((), a.dtype), a.shape)
+
+        return QuantizedWeight(empty(self.q), empty(self.scales),
+                               None if self.zero_points is None else empty(self.zero_points), self.group_size, self.bits)
+
     def describe(self) -> str:
         grouping = "per-channel" if self.per_channel else f"g{self.group_size}"
         return f"int{self.bits} {grouping} {'sym' if self.symmetric else 'asym'}"

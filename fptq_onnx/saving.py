@@ -211,3 +211,19 @@ def stage_model(stage: Callable[[str], Path], model: ir.Model, final: Path, exte
     save_model(model, staged, external)
     pause_point("staged")
     return staged
+
+
+def write_sidecars(model, tokenizer, stage: Callable[[str], Path], directory: Path) -> None:
+    """config.json, generation_config.json, tokenizer files and the apps' files (app_files.py) of `model`,
+    staged like the ONNX files (which must be staged already: the genai configs describe them)."""
+    from fptq_onnx import app_files
+
+    with tempfile.TemporaryDirectory(dir=directory) as tmp:
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        app_files.write_app_files(directory, Path(tmp), model, tokenizer, stage)
+        for file in Path(tmp).iterdir():
+            if file.is_file():
+                file.rename(stage(file.name))

@@ -82,6 +82,37 @@ def tiny_onnx(tiny_models, tmp_path_factory) -> _Lazy:
     return _Lazy(build)
 
 
+@pytest.fixture(scope="session")
+def structure_cache() -> dict:
+    """Graph structures (convert.graph_structure) by model label, shared by every convert of a session."""
+    return {}
+
+
+def cached_graph_structure(cache: dict):
+    """convert.graph_structure that exports each checkpoint's structure once (~5-20 s each) and reuses it.
+
+    Safe because a Conversion only ever clones the structure it is given.
+    """
+    from fptq_onnx import convert
+
+    original = convert.graph_structure
+
+    def cached(source):
+        if source.label not in cache:
+            cache[source.label] = original(source)
+        return cache[source.label]
+
+    return cached
+
+
+@pytest.fixture
+def fast_structure(monkeypatch, structure_cache):
+    """Converts in this test reuse the session's graph structure of the same checkpoint."""
+    from fptq_onnx import convert
+
+    monkeypatch.setattr(convert, "graph_structure", cached_graph_structure(structure_cache))
+
+
 # --------------------------------------------------------------------------- tiny checkpoints
 
 

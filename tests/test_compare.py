@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 
 from fptq_onnx.calibration import CalibrationConfig
-from fptq_onnx.compare import compare_command, describe_manifest, parse_method, render_table, split_methods
+from fptq_onnx.compare import compare_command
+from fptq_onnx.compare_report import describe_manifest, render_table
+from fptq_onnx.compare_specs import parse_method, split_methods
 from fptq_onnx.errors import FptqError
 
 CALIB = CalibrationConfig(source="random", samples=4, seqlen=32)
@@ -73,7 +75,7 @@ def test_describe_manifest_float_and_mixed():
     assert d["activations"].startswith("mixed: per-tensor static 67%")
 
 
-def test_compare_end_to_end_and_resume(tiny_checkpoint, tiny_data, tmp_path, capsys):
+def test_compare_end_to_end_and_resume(tiny_checkpoint, tiny_data, tmp_path, capsys, fast_structure):
     out = tmp_path / "cmp"
     kwargs = dict(limit=2, seqlen=16, data_dir=str(tiny_data), calibration=CALIB, progress=False)
     table = compare_command(str(tiny_checkpoint), ["fp32", "rtn", "fptq"], ["wikitext2", "lambada"], out, **kwargs)
@@ -109,7 +111,7 @@ def test_compare_end_to_end_and_resume(tiny_checkpoint, tiny_data, tmp_path, cap
     compare_command(str(tiny_checkpoint), ["rtn"], ["wikitext2"], out,
                     **{**kwargs, "calibration": CalibrationConfig(source="random", samples=2, seqlen=32)})
     err = capsys.readouterr().err
-    assert "reusing the existing converted model" not in err and "planning (rtn)" in err
+    assert ", reused)" not in err and "walking the layers once for rtn" in err
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["rtn"]
 
 def test_render_table_marks_failures():
@@ -124,7 +126,7 @@ def test_bad_calibration_source_fails_before_any_work(tmp_path, tiny_data):
                         data_dir=str(tiny_data), calibration=CalibrationConfig(source=str(tmp_path / "missing.txt")))
 
 
-def test_compare_cli(cli, tiny_checkpoint, tiny_data, tmp_path):
+def test_compare_cli(cli, tiny_checkpoint, tiny_data, tmp_path, fast_structure):
     out = tmp_path / "cli"
     result = cli("compare", tiny_checkpoint, "--out", out, "--methods", "fp32,rtn:bits=8,act=per_token",
                  "--tasks", "wikitext2", "--limit", "1", "--seqlen", "16", "--calib", "random",

@@ -21,16 +21,15 @@ CONVERT_ARGS = ("--calib", "random", "--calib-samples", "2", "--calib-seqlen", "
 
 
 @pytest.fixture(scope="module")
-def converted(cli, tiny_checkpoint, tiny_onnx, tmp_path_factory):
-    import onnx_ir as ir
+def converted(cli, tiny_checkpoint, structure_cache, tmp_path_factory):
+    from conftest import cached_graph_structure
 
     from fptq_onnx import convert
 
     out_dir = tmp_path_factory.mktemp("convert")
     out = out_dir / "tiny.onnx"
-    cached = tiny_onnx["llama"]
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(convert, "export_float", lambda model, spec: ir.load(cached))
+        mp.setattr(convert, "graph_structure", cached_graph_structure(structure_cache))
         result = cli("convert", tiny_checkpoint, out, "--format", ",".join(FORMATS), *CONVERT_ARGS)
     assert result.code == 0, result.stdout + result.stderr
     return out, result
@@ -149,17 +148,10 @@ def test_convert_real_export_subprocess(cli, tiny_checkpoint, tmp_path):
     assert gen.code == 0, gen.stderr
 
 
-def test_recipe_best_writes_all_three_forms(cli, tiny_checkpoint, tiny_onnx, tmp_path):
+def test_recipe_best_writes_all_three_forms(cli, tiny_checkpoint, fast_structure, tmp_path):
     """`--recipe best`: the auto policy with asymmetric GPTQ weights, recorded in every manifest."""
-    import onnx_ir as ir
-
-    from fptq_onnx import convert
-
     out = tmp_path / "best.onnx"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(convert, "export_float", lambda model, spec: ir.load(tiny_onnx["llama"]))
-        result = cli("convert", tiny_checkpoint, out, "--recipe", "best", "--format", ",".join(FORMATS),
-                     *CONVERT_ARGS)
+    result = cli("convert", tiny_checkpoint, out, "--recipe", "best", "--format", ",".join(FORMATS), *CONVERT_ARGS)
     assert result.code == 0, result.stdout + result.stderr
     for fmt, path in _paths(out).items():
         manifest = json.loads(path.with_name(path.stem + ".manifest.json").read_text())

@@ -1,10 +1,10 @@
-"""`convert --stream` (layer streaming) gives the whole-model result on the tiny models.
+"""One pipeline, two sources: `convert --stream` writes byte-identical files to the in-memory source.
 
-Same decisions, same equalizations, same activation scales, same ONNX logits; the
-outputs keep their weights in external data and pass the parity check; bad input
-fails with one `error:` line and leaves nothing behind. The whole-model side reuses
-the session's cached tiny export (as test_convert does); the streaming side's
-structure export (meta device) is cached per architecture in this module.
+Every method (and the weight quantizers and recipes) converts the tiny llama checkpoint twice,
+once with the decoder layers read one at a time from the safetensors file and once with the
+model loaded whole; the ONNX files and their external data must be equal byte for byte.
+The graph structure is exported once per checkpoint (conftest.cached_graph_structure).
+Bad input to the streamed source fails with one `error:` line and leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -12,103 +12,57 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ARGS = ("--calib", "random", "--calib-samples", "5", "--calib-seqlen", "16", "--group-size", "16",
         "--v0", "1", "--v1", "5", "--ppl-windows", "0")
-FORMATS = ("qdq", "w4a8", "native")
+METHODS = {
+    "fptq": ("--method", "fptq", "--fold-pairs", "--asym"),
+    "rtn": ("--method", "rtn", "--opt", "act=static"),
+    "smoothquant": ("--method", "smoothquant", "--opt", "bits=4"),
+    "gptq": ("--method", "gptq"),
+    "awq": ("--method", "awq"),
+    "auto": ("--method", "auto"),
+    "ort-acc4": ("--method", "ort-acc4", "--format", "native"),
+    "weights-mse": ("--weights", "mse"),
+    "weights-gptq": ("--weights", "gptq"),
+    "recipe-fptq": ("--recipe", "fptq"),
+    "recipe-best": ("--recipe", "best"),
+}
 
 
-@pytest.fixture(scope="module")
-def structure_cache():
-    """Streaming structure exports by model type: a pristine graph, handed out as clones."""
-    return {}
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name.endswith((".onnx", ".onnx.data"))}
 
 
-def _convert_both(cli, checkpoint: Path, arch: str, tiny_onnx, structure_cache, out_dir: Path, extra=()):
-    import onnx_ir as ir
-
-    from fptq_onnx import convert, streaming
-
-    original = streaming._meta_structure
-
-    def cached(hf_config, spec, model, linear_names, export_structure):
-        if arch not in structure_cache:
-            structure_cache[arch] = original(hf_config, spec, model, linear_names, export_structure)
-        return structure_cache[arch].clone()
-
-    args = (*ARGS, "--format", ",".join(FORMATS), *extra)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(streaming, "_meta_structure", cached)
-        mp.setattr(convert, "export_float", lambda model, spec: ir.load(tiny_onnx[arch]))
-        streamed = cli("convert", checkpoint, out_dir / "stream.onnx", "--stream", *args)
-        whole = cli("convert", checkpoint, out_dir / "whole.onnx", "--no-stream", *args)
-    assert streamed.code == 0, streamed.stderr
-    assert whole.code == 0, whole.stderr
-    return streamed
-
-
-def _manifest(path: Path) -> dict:
-    return json.loads(path.with_name(path.stem + ".manifest.json").read_text())
-
-
-def _logits(path: Path) -> np.ndarray:
-    from fptq_onnx.runtime import OnnxCausalLM
-
-    lm = OnnxCausalLM(path)
-    ids = np.random.default_rng(1).integers(0, 100, size=(2, 10))
-    logits, _ = lm.forward(ids, lm.empty_past(2))
-    return logits
-
-
-def _check_same(out_dir: Path) -> None:
-    for fmt in FORMATS:
-        suffix = "" if fmt == "qdq" else f".{fmt}"
-        s_path, w_path = out_dir / f"stream{suffix}.onnx", out_dir / f"whole{suffix}.onnx"
-        s, w = _manifest(s_path), _manifest(w_path)
-        assert list(s["linears"]) == list(w["linears"])
-        assert s["counts"] == w["counts"] and len(s["counts"]) >= 2, s["counts"]
-        for name, wl in w["linears"].items():
-            sl = s["linears"][name]
-            for key in ("strategy", "act_mode", "equalized_by", "weight"):
-                assert sl[key] == wl[key], (fmt, name, key)
-            assert sl["max_abs"] == pytest.approx(wl["max_abs"], rel=1e-5)
-            if wl["act_scale"] is not None:
-                assert sl["act_scale"] == pytest.approx(wl["act_scale"], rel=1e-5)
-        for se, we in zip(s["equalizations"], w["equalizations"], strict=True):
-            assert se["source"] == we["source"] and se["linears"] == we["linears"]
-            assert se["scale_max"] == pytest.approx(we["scale_max"], rel=1e-5)
-        assert s["calibration"] == w["calibration"]
-        assert s_path.with_name(s_path.name + ".data").is_file(), "streamed weights live in external data"
-        if fmt != "native":
-            assert s["parity"]["checked_value"] if "checked_value" in s["parity"] else True
-            assert s["parity"]["mean_abs"] == pytest.approx(w["parity"]["mean_abs"], rel=0.05, abs=1e-6)
-        np.testing.assert_allclose(_logits(s_path), _logits(w_path), atol=1e-5, rtol=0)
-    assert not list(out_dir.glob(".fptq-*")), "staging dirs left behind"
-
-
-@pytest.mark.parametrize("extra", [(), ("--fold-pairs", "--asym")], ids=["paper", "fold-pairs-asym"])
-def test_stream_equals_whole_model_llama(cli, tiny_checkpoint, tiny_onnx, structure_cache, tmp_path, extra):
-    result = _convert_both(cli, tiny_checkpoint, "llama", tiny_onnx, structure_cache, tmp_path, extra)
-    assert "streaming layers" in result.stderr and "peak RSS" in result.stderr
-    _check_same(tmp_path)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral"])
-def test_stream_equals_whole_model_other_archs(cli, make_tiny_checkpoint, tiny_onnx, structure_cache, tmp_path, arch):
-    _convert_both(cli, make_tiny_checkpoint(arch), arch, tiny_onnx, structure_cache, tmp_path)
-    _check_same(tmp_path)
+@pytest.mark.parametrize("method", list(METHODS))
+def test_streamed_bytes_equal_in_memory(cli, tiny_checkpoint, fast_structure, tmp_path, method):
+    extra = METHODS[method]
+    formats = () if "--format" in extra else ("--format", "qdq,w4a8,native")
+    verify = () if method in ("fptq", "recipe-best") else ("--no-verify",)  # parity's reference is streamed too
+    runs = {}
+    for mode in ("--stream", "--no-stream"):
+        out = tmp_path / mode.strip("-") / "m.onnx"
+        result = cli("convert", tiny_checkpoint, out, mode, *ARGS, *formats, *verify, *extra)
+        assert result.code == 0, result.stderr
+        runs[mode] = out.parent
+    streamed, whole = _files(runs["--stream"]), _files(runs["--no-stream"])
+    assert len(streamed) >= 2 and list(streamed) == list(whole)
+    for name in streamed:
+        assert streamed[name] == whole[name], f"{method}: {name} differs between --stream and --no-stream"
+    manifests = [json.loads(next(d.glob("m.manifest.json")).read_text()) for d in runs.values()]
+    assert manifests[0]["streamed"] is True and manifests[1]["streamed"] is False
+    assert manifests[0]["linears"] == manifests[1]["linears"]
+    if not verify:
+        assert manifests[0]["parity"] == manifests[1]["parity"]
 
 
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (("--method", "gptq"), "--stream supports methods"),
-        (("--weights", "mse"), "rtn weight quantizer only"),
         (("--max-memory", "1MB"), "over --max-memory"),
         (("--max-memory", "lots"), "--max-memory: expected a size"),
+        (("--device", "tpu"), "unknown device"),
     ],
 )
 def test_stream_bad_input(cli, tiny_checkpoint, tmp_path, extra, message):
@@ -151,29 +105,18 @@ def test_lazy_checkpoint_reads_shards(tmp_path):
         LazyCheckpoint(tmp_path)
 
 
-def test_rename_plan_and_memory_parsing():
-    from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
-    from fptq_onnx.streaming import GIB, parse_memory, rename_plan
+def test_memory_parsing():
+    from fptq_onnx.memory import GIB, parse_memory
 
-    plan = QuantPlan("fptq", {}, {})
-    plan.linears["model.layers.0.mlp.down_proj"] = LinearPlan(
-        "model.layers.0.mlp.down_proj", "lae+static", ActMode.STATIC, 9.0, 3.0, 0.1, equalized_by="model.layers.0.mlp.up_proj")
-    plan.equalizations.append(Equalization("model.layers.0.mlp.up_proj", "linear", ["model.layers.0.mlp.down_proj"],
-                                           np.ones(4, np.float32), "lae"))
-    out = rename_plan(plan, "model.layers.0.", "model.layers.17.")
-    assert list(out.linears) == ["model.layers.17.mlp.down_proj"]
-    assert out.linears["model.layers.17.mlp.down_proj"].equalized_by == "model.layers.17.mlp.up_proj"
-    assert out.equalizations[0].source == "model.layers.17.mlp.up_proj"
-    assert out.equalizations[0].linears == ["model.layers.17.mlp.down_proj"]
     assert parse_memory("20GB") == 20 * GIB and parse_memory("512MB") == 512 * 1024**2 and parse_memory("3") == 3 * GIB
     assert parse_memory(None) is None
 
 
 def test_auto_stream_decision(tiny_checkpoint):
     from fptq_onnx.convert import ConvertOptions
-    from fptq_onnx.streaming import GIB, should_stream
+    from fptq_onnx.memory import GIB, should_stream
 
     options = ConvertOptions()
     assert should_stream(str(tiny_checkpoint), options, 1024**2)  # a budget the whole model exceeds
     assert not should_stream(str(tiny_checkpoint), options, 64 * GIB)
-    assert not should_stream(str(tiny_checkpoint / "missing"), options, 1024**2)  # left to the whole-model path
+    assert not should_stream(str(tiny_checkpoint / "missing"), options, 1024**2)  # left to the in-memory source

@@ -1,7 +1,9 @@
 """Algorithm table: `--method NAME` maps here.
 
-Each algorithm is a module exposing `Config` (a frozen dataclass), `build_plan(model,
-spec, calib, config) -> QuantPlan` and `SUMMARY`. Modules import lazily so a method's
+Each algorithm is a module exposing `Config` (a frozen dataclass), `SUMMARY` and the
+per-layer hooks of algorithms/layer.py: `plan_layer(ctx, config) -> QuantPlan`, and
+optionally `observers(ctx, config)` and `gptq(config)`. The layer walk (layer_walk.py)
+runs them; no algorithm walks the model itself. Modules import lazily so a method's
 heavy dependencies load only when it runs.
 """
 

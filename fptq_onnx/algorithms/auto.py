@@ -16,13 +16,14 @@ mode for X / s
 
 with int4 RTN weights of W · s, and measure the group's relative output error
 ‖X W − Q(X/s) Q(s W)‖² / ‖X W‖². Each group takes its lowest-error pair; if more
-linears would be dynamic than `max_dynamic` allows (dynamic costs a reduction per
-token at run time), the groups losing least by going static are switched first.
+linears of a layer would be dynamic than `max_dynamic` allows (dynamic costs a
+reduction per token at run time), the groups losing least by going static are
+switched first (a per-layer budget: the walk decides each layer once).
 The final int4 weights come from `weights` (rtn | mse | gptq, weight_quant.py)
 on the chosen equalizations. Every choice and its measured errors go to the
 manifest, so `inspect` explains each layer.
 
-Inputs are those of the float model (like AWQ): equalizations preserve the float
+Inputs are those of the float model (the walk's float stream, like AWQ): equalizations preserve the float
 function, so every group is measured independently of the others' choices.
 """
 
@@ -35,13 +36,12 @@ import torch
 
 from fptq_onnx.algorithms.awq import _pair_tie, fake_quant, token_subsample
 from fptq_onnx.algorithms.common import check_group_size, expand_heads
-from fptq_onnx.algorithms.sequential import sequential_layers
+from fptq_onnx.algorithms.gptq import GptqSettings
+from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.algorithms.smoothquant import smooth_scales
-from fptq_onnx.algorithms.weight_quant import check_weight_quantizer, quantize_equalized
-from fptq_onnx.calibration import Calibration
+from fptq_onnx.algorithms.weight_quant import check_weight_quantizer, gptq_settings, layer_weights, weight_observers
 from fptq_onnx.errors import FptqError
 from fptq_onnx.fakequant import fake_quant_per_token, fake_quant_static
-from fptq_onnx.models.registry import ArchSpec
 from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
 from fptq_onnx.quant import lae_scales, static_scale
 
@@ -115,7 +115,7 @@ class _Sampler:
     def add(self, x: torch.Tensor) -> None:
         mask = self._keep[self._seen : self._seen + x.shape[0]].reshape(-1)
         self._seen += x.shape[0]
-        self._rows.append(x.detach().float().reshape(-1, x.shape[-1])[mask])
+        self._rows.append(x.detach().float().reshape(-1, x.shape[-1])[mask.to(x.device)])
 
     def tokens(self) -> torch.Tensor:
         return torch.cat(self._rows)
@@ -131,7 +131,7 @@ def _candidate_scales(x_max: np.ndarray, x_mean: np.ndarray, w: torch.Tensor, co
     def untie(v: np.ndarray) -> np.ndarray:
         return v if tie is None else expand_heads(v, tie[0] * tie[1], tie[0])
 
-    w_max = w.abs().amax(dim=1).numpy()
+    w_max = w.abs().amax(dim=1).cpu().numpy()
     out: dict[str, np.ndarray | None] = {"none": None, "lae": untie(lae_scales(tied(x_max)))}
     for alpha in config.alpha_values():
         out[f"sq{alpha:.2f}"] = untie(smooth_scales(tied(x_max), tied(w_max), alpha))
@@ -157,7 +157,7 @@ def _measure(x: torch.Tensor, w: torch.Tensor, x_max: np.ndarray, candidates: di
     prepared = {}
     scored: dict[ActMode, tuple[float, str]] = {}
     for label, s in candidates.items():
-        s_t = None if s is None else torch.from_numpy(s.astype(np.float32))
+        s_t = None if s is None else torch.from_numpy(s.astype(np.float32)).to(x.device)
         xs = x if s_t is None else x / s_t
         wq = fake_quant(w if s_t is None else w * s_t[:, None], config.group_size, config.symmetric, 4)
         full = float(x_max.max() if s is None else (x_max / s).max())
@@ -197,46 +197,47 @@ def _choose(groups: list[Group], max_dynamic: float) -> dict[int, ActMode]:
     return mode
 
 
-def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
+def _readers(ctx: LayerContext) -> list[tuple[list[str], str, str, tuple[int, int] | None]]:
+    """(linears, where s folds, kind, GQA tie) per group of linears reading one input; kind 'skip': s cannot fold."""
+    p = ctx.prefix
+    readers: list[tuple[list[str], str, str, tuple[int, int] | None]] = []
+    for group in ctx.spec.groups:
+        readers.append(([p + n for n in group.linears], p + group.norm, "norm", None))
+    for pair in ctx.spec.pairs:
+        consumer, producer = p + pair.consumer, p + pair.producer
+        tie = _pair_tie(pair, ctx.linears[consumer], ctx.linears[producer], ctx.config)
+        readers.append(([consumer], producer, "skip" if tie == "skip" else "linear", None if tie == "skip" else tie))
+    return readers
+
+
+def observers(ctx: LayerContext, config: Config) -> dict:
+    """`max_tokens` float input tokens per reader group (for the error measurements), plus the weight quantizer's."""
+    keep = token_subsample(ctx.samples, ctx.seqlen, config.max_tokens, seed=3000 + ctx.index)
+    out = {f"auto:{names[0]}": (names[0], _Sampler(keep)) for names in ctx.reader_groups()}
+    return {**out, **weight_observers(ctx, config.weights, config.group_size, config.symmetric)}
+
+
+def gptq(config: Config) -> GptqSettings | None:
+    return gptq_settings(config.weights, config.group_size, config.symmetric)
+
+
+def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
+    """Measure every reader group of the layer, choose, then the layer's int4 weights.
+
+    The `max_dynamic` budget applies to each layer (so also to the model).
+    """
     config.validate()
-    cfg = model.config
-    stats = calib.stats
-    samples, seqlen = calib.tokens.shape
-    batch_size = 4
     groups: list[Group] = []
-
-    for step in sequential_layers(model, spec, calib.tokens, desc="auto policy", batch_size=batch_size):
-        p = step.prefix
-        keep = token_subsample(samples, seqlen, config.max_tokens, seed=3000 + step.index)
-        readers: list[tuple[list[str], str, str, tuple[int, int] | None]] = []
-        for group in spec.groups:
-            readers.append(([p + n for n in group.linears], p + group.norm, "norm", None))
-        for pair in spec.pairs:
-            consumer, producer = p + pair.consumer, p + pair.producer
-            tie = _pair_tie(pair, step.linears[consumer], step.linears[producer], cfg)
-            readers.append(([consumer], producer, "skip" if tie == "skip" else "linear", None if tie == "skip" else tie))
-
-        samplers = {names[0]: _Sampler(keep) for names, _, _, _ in readers}
-        handles = [step.linears[first].register_forward_pre_hook(lambda _m, a, sm=sm: sm.add(a[0]))
-                   for first, sm in samplers.items()]
-        try:
-            step.forward(keep=True)
-        finally:
-            for handle in handles:
-                handle.remove()
-        step.reuse_outputs = True
-
-        for names, source, kind, tie in readers:
-            x = samplers[names[0]].tokens()
-            w = torch.cat([step.linears[n].weight.detach().float().T for n in names], dim=1)
-            x_max = stats[names[0]].channel_max_np()
-            x_mean = stats[names[0]].channel_mean_np()
-            candidates = {"none": None} if kind == "skip" else _candidate_scales(x_max, x_mean, w, config, tie)
-            groups.append(Group(names, source, kind, float(x_max.max()), _measure(x, w, x_max, candidates, config, tie)))
-        del samplers
+    for names, source, kind, tie in _readers(ctx):
+        x = ctx.observed[f"auto:{names[0]}"].tokens()
+        w = torch.cat([ctx.linears[n].weight.detach().float().T for n in names], dim=1)
+        x_max = ctx.stats[names[0]].channel_max_np()
+        x_mean = ctx.stats[names[0]].channel_mean_np()
+        candidates = {"none": None} if kind == "skip" else _candidate_scales(x_max, x_mean, w, config, tie)
+        groups.append(Group(names, source, kind, float(x_max.max()), _measure(x, w, x_max, candidates, config, tie)))
 
     modes = _choose(groups, config.max_dynamic)
-    plan = QuantPlan(method="auto", config=asdict(config), calibration=calib.describe())
+    plan = QuantPlan(method="auto", config=asdict(config), calibration=ctx.calibration)
     for i, group in enumerate(groups):
         choice = group.best[modes[i]]
         other = group.best[ActMode.PER_TOKEN if modes[i] == ActMode.STATIC else ActMode.STATIC]
@@ -253,8 +254,6 @@ def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, confi
             scale = static_scale(choice.covered) if choice.act_mode == ActMode.STATIC else None
             plan.linears[name] = LinearPlan(name, strategy, choice.act_mode, group.max_abs, choice.covered, scale,
                                             equalized_by=eq.source if eq else None, reason=reason)
-    weights = quantize_equalized(model, spec, calib, plan.equalizations, config.group_size, config.symmetric,
-                                 config.weights)
-    for name, qw in weights.items():
+    for name, qw in layer_weights(ctx, plan.equalizations, config.group_size, config.symmetric, config.weights).items():
         plan.linears[name].weight = qw
     return plan

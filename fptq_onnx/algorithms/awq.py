@@ -23,9 +23,9 @@ and inputs X / s.
 Both losses are evaluated exactly through the Gram matrix XᵀX of each linear's
 input over at most `max_tokens` calibration tokens per layer:
 ‖X Δ‖² = tr(Δᵀ XᵀX Δ), so the search costs K²·N per grid point, not tokens·K·N.
-Inputs come from the float model (sequential.py): the scales preserve the
-function and clipping is applied only in the plan, as llm-awq computes each
-layer's inputs from the float layer before applying its scales.
+Inputs come from the float model (the layer walk's float stream): the scales
+preserve the function and clipping is applied only in the plan, as llm-awq
+computes each layer's inputs from the float layer before applying its scales.
 """
 
 from __future__ import annotations
@@ -40,10 +40,9 @@ from fptq_onnx.algorithms.common import (
     check_group_size,
     expand_heads,
 )
-from fptq_onnx.algorithms.sequential import sequential_layers
-from fptq_onnx.calibration import Calibration, decoder_linears
+from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.errors import FptqError
-from fptq_onnx.models.registry import ArchSpec, LinearPair
+from fptq_onnx.models.registry import LinearPair
 from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
 from fptq_onnx.quant import int_range, num_groups, quantize_groups
 
@@ -79,7 +78,7 @@ def fake_quant(w: torch.Tensor, group_size: int, symmetric: bool, bits: int, cli
     """Quantize-dequantize a [K, N] weight with exactly quantize_groups' rules (float64 or float32)."""
     k, n = w.shape
     groups = num_groups(k, group_size)
-    padded = torch.zeros(groups * group_size, n, dtype=w.dtype)
+    padded = torch.zeros(groups * group_size, n, dtype=w.dtype, device=w.device)
     padded[:k] = w
     g = padded.view(groups, group_size, n)
     lo_q, hi_q = int_range(bits, symmetric)
@@ -114,8 +113,8 @@ class InputStats:
     """Gram matrix XᵀX over a token subsample and mean |x| over all tokens, of one linear's input."""
 
     def __init__(self, k: int, keep: torch.Tensor, batch_size: int) -> None:
-        self.gram = torch.zeros(k, k, dtype=torch.float64)
-        self.abs_sum = torch.zeros(k, dtype=torch.float64)
+        self.gram: torch.Tensor | float = 0.0  # [K, K] float64 on the inputs' device, from the first batch
+        self.abs_sum: torch.Tensor | float = 0.0
         self.tokens = 0
         self.kept = 0
         self._keep = keep  # [samples, seqlen] bool
@@ -130,7 +129,7 @@ class InputStats:
         flat = x.reshape(-1, x.shape[-1])
         self.abs_sum += flat.abs().sum(dim=0, dtype=torch.float64)
         self.tokens += flat.shape[0]
-        sub = flat[keep.reshape(-1)]
+        sub = flat[keep.reshape(-1).to(flat.device)]
         self.kept += sub.shape[0]
         self.gram += (sub.T @ sub).double()
 
@@ -185,7 +184,7 @@ def search_scale(
         if loss < best[2]:
             best = (s, alpha, loss)
     s, alpha, loss = best
-    return s.numpy().astype(np.float32), alpha, loss, rtn_loss
+    return s.cpu().numpy().astype(np.float32), alpha, loss, rtn_loss
 
 
 def search_clip(w: torch.Tensor, gram: torch.Tensor, config: Config) -> tuple[np.ndarray, float, float]:
@@ -194,15 +193,16 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, config: Config) -> tuple[np
     gs = config.group_size
     groups = num_groups(k, gs)
     pad = groups * gs
-    gp = torch.zeros(pad, pad, dtype=gram.dtype)
+    w = w.to(gram.device)
+    gp = torch.zeros(pad, pad, dtype=gram.dtype, device=gram.device)
     gp[:k, :k] = gram
     blocks = gp.view(groups, gs, groups, gs).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # [G, gs, gs]
-    best_err = torch.full((groups, n), float("inf"), dtype=w.dtype)
-    best_ratio = torch.ones(groups, n, dtype=torch.float32)
+    best_err = torch.full((groups, n), float("inf"), dtype=w.dtype, device=w.device)
+    best_ratio = torch.ones(groups, n, dtype=torch.float32, device=w.device)
     base = None
     for r in np.linspace(1.0, 0.5, config.grid):
-        clip = torch.full((groups, n), float(r), dtype=w.dtype)
-        delta = torch.zeros(pad, n, dtype=w.dtype)
+        clip = torch.full((groups, n), float(r), dtype=w.dtype, device=w.device)
+        delta = torch.zeros(pad, n, dtype=w.dtype, device=w.device)
         delta[:k] = fake_quant(w, gs, config.symmetric, config.bits, clip) - w
         d = delta.view(groups, gs, n)
         err = (d * torch.bmm(blocks, d)).sum(dim=1)  # [G, N]
@@ -210,8 +210,8 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, config: Config) -> tuple[np
             base = float(err.sum())
         better = err < best_err
         best_err = torch.where(better, err, best_err)
-        best_ratio = torch.where(better, torch.tensor(float(r), dtype=torch.float32), best_ratio)
-    return best_ratio.numpy(), float(best_err.sum()), base
+        best_ratio = torch.where(better, torch.tensor(float(r), dtype=torch.float32, device=w.device), best_ratio)
+    return best_ratio.cpu().numpy(), float(best_err.sum()), base
 
 
 # --------------------------------------------------------------------------- the plan
@@ -231,83 +231,64 @@ def _pair_tie(pair: LinearPair, consumer: torch.nn.Linear, producer: torch.nn.Li
     return (kv, heads // kv)
 
 
-def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
+def observers(ctx: LayerContext, config: Config) -> dict:
+    """Per reader group, the Gram matrix and mean |x| of its float input."""
+    keep = token_subsample(ctx.samples, ctx.seqlen, config.max_tokens, seed=1000 + ctx.index)
+    return {f"awq:{names[0]}": (names[0], InputStats(ctx.linears[names[0]].in_features, keep, ctx.batch_size))
+            for names in ctx.reader_groups()}
+
+
+def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
     config.validate()
-    cfg = model.config
-    tokens = calib.tokens
-    samples, seqlen = tokens.shape
-    batch_size = 4
-    plan = QuantPlan(method="awq", config=asdict(config), calibration=calib.describe())
+    p = ctx.prefix
+    plan = QuantPlan(method="awq", config=asdict(config), calibration=ctx.calibration)
     notes: dict[str, str] = {}
-    quantized = {}
+    stats = {name: ctx.observed[f"awq:{names[0]}"] for names in ctx.reader_groups() for name in names}
+    float_w = {n: m.weight.detach().double().T.contiguous() for n, m in ctx.linears.items()}
 
-    for step in sequential_layers(model, spec, tokens, desc="awq", batch_size=batch_size):
-        p = step.prefix
-        keep = token_subsample(samples, seqlen, config.max_tokens, seed=1000 + step.index)
-        readers = [tuple(g.linears) for g in spec.groups] + [(pair.consumer,) for pair in spec.pairs]
-        stats: dict[str, InputStats] = {}
-        handles = []
-        for names in readers:
-            module = step.linears[p + names[0]]
-            st = InputStats(module.in_features, keep, batch_size)
-            for name in names:
-                stats[p + name] = st
-            handles.append(module.register_forward_pre_hook(lambda _m, a, st=st: st.add(a[0])))
-        try:
-            step.forward(keep=True)  # float layer: its outputs are the next layer's inputs
-        finally:
-            for h in handles:
-                h.remove()
-        step.reuse_outputs = True
-        float_w = {n: m.weight.detach().double().T.contiguous() for n, m in step.linears.items()}
+    for group in ctx.spec.groups:
+        names = [p + n for n in group.linears]
+        st = stats[names[0]]
+        s, alpha, loss, rtn = search_scale([float_w[n] for n in names], st.gram, st.mean_abs, config)
+        plan.equalizations.append(Equalization(p + group.norm, "norm", names, s, "awq"))
+        for n in names:
+            notes[n] = f"α={alpha:.2f} (output error {loss / max(rtn, 1e-30):.2f}x RTN)"
+    for pair in ctx.spec.pairs:
+        consumer, producer = p + pair.consumer, p + pair.producer
+        tie = _pair_tie(pair, ctx.linears[consumer], ctx.linears[producer], ctx.config)
+        if tie == "skip":
+            notes[consumer] = f"no AWQ scale: cannot fold into {pair.producer}"
+            continue
+        st = stats[consumer]
+        s, alpha, loss, rtn = search_scale([float_w[consumer]], st.gram, st.mean_abs, config, tie)
+        source_scale = None
+        if tie is not None:
+            source_scale = np.ascontiguousarray(s.reshape(tie[0], tie[1], -1)[:, 0, :].reshape(-1))
+            assert np.array_equal(expand_heads(source_scale, tie[0] * tie[1], tie[0]), s)
+        plan.equalizations.append(Equalization(producer, "linear", [consumer], s, "awq", source_scale=source_scale))
+        notes[consumer] = f"α={alpha:.2f} (output error {loss / max(rtn, 1e-30):.2f}x RTN), s folded into {pair.producer}"
 
-        layer_eqs: list[Equalization] = []
-        for group in spec.groups:
-            names = [p + n for n in group.linears]
-            st = stats[names[0]]
-            s, alpha, loss, rtn = search_scale([float_w[n] for n in names], st.gram, st.mean_abs, config)
-            layer_eqs.append(Equalization(p + group.norm, "norm", names, s, "awq"))
-            for n in names:
-                notes[n] = f"α={alpha:.2f} (output error {loss / max(rtn, 1e-30):.2f}x RTN)"
-        for pair in spec.pairs:
-            consumer, producer = p + pair.consumer, p + pair.producer
-            tie = _pair_tie(pair, step.linears[consumer], step.linears[producer], cfg)
-            if tie == "skip":
-                notes[consumer] = f"no AWQ scale: cannot fold into {pair.producer}"
-                continue
-            st = stats[consumer]
-            s, alpha, loss, rtn = search_scale([float_w[consumer]], st.gram, st.mean_abs, config, tie)
-            source_scale = None
-            if tie is not None:
-                source_scale = np.ascontiguousarray(s.reshape(tie[0], tie[1], -1)[:, 0, :].reshape(-1))
-                assert np.array_equal(expand_heads(source_scale, tie[0] * tie[1], tie[0]), s)
-            layer_eqs.append(Equalization(producer, "linear", [consumer], s, "awq", source_scale=source_scale))
-            notes[consumer] = f"α={alpha:.2f} (output error {loss / max(rtn, 1e-30):.2f}x RTN), s folded into {pair.producer}"
-        plan.equalizations.extend(layer_eqs)
-
-        # Clip search on the equalized weights with the equalized inputs (Gram / s sᵀ), then quantize.
-        eq_w = apply_equalizations({n: w.float().numpy() for n, w in float_w.items()}, layer_eqs)
-        input_scale = {n: eq.scale for eq in layer_eqs for n in eq.linears}
-        for name in step.linears:
-            clip = None
-            if config.clip_search and not name.endswith(_NO_CLIP_SUFFIXES):
-                gram = stats[name].gram
-                if name in input_scale:
-                    inv = torch.from_numpy(1.0 / input_scale[name].astype(np.float64))
-                    gram = gram * inv[:, None] * inv[None, :]
-                clip, err, base = search_clip(torch.from_numpy(eq_w[name]).double(), gram, config)
-                notes[name] = notes.get(name, "") + f"; clip mean {clip.mean():.3f} (error {err / max(base, 1e-30):.2f}x unclipped)"
-            quantized[name] = quantize_groups(eq_w[name], config.group_size, config.symmetric, config.bits, clip=clip)
-
+    # Clip search on the equalized weights with the equalized inputs (Gram / s sᵀ), then quantize.
+    eq_w = apply_equalizations({n: w.float().cpu().numpy() for n, w in float_w.items()}, plan.equalizations)
+    input_scale = {n: eq.scale for eq in plan.equalizations for n in eq.linears}
     equalized_by = {n: eq for eq in plan.equalizations for n in eq.linears}
     grid = f"int{config.bits} g{config.group_size} {'sym' if config.symmetric else 'asym'}"
-    for name in decoder_linears(model, spec):
+    for name in ctx.linears:
+        clip = None
+        if config.clip_search and not name.endswith(_NO_CLIP_SUFFIXES):
+            gram = stats[name].gram
+            if name in input_scale:
+                inv = torch.from_numpy(1.0 / input_scale[name].astype(np.float64)).to(gram.device)
+                gram = gram * inv[:, None] * inv[None, :]
+            clip, err, base = search_clip(torch.from_numpy(eq_w[name]).double(), gram, config)
+            notes[name] = notes.get(name, "") + f"; clip mean {clip.mean():.3f} (error {err / max(base, 1e-30):.2f}x unclipped)"
         eq = equalized_by.get(name)
-        st = calib.stats.get(name)
-        m = st.max_abs if st is not None else 0.0
-        m_eq = float((st.channel_max_np() / eq.scale).max()) if (st is not None and eq is not None) else m
+        st = ctx.stats[name]
+        m_eq = float((st.channel_max_np() / eq.scale).max()) if eq is not None else st.max_abs
         plan.linears[name] = LinearPlan(
-            name, "awq", ActMode.NONE, m, m_eq, weight=quantized[name], equalized_by=eq.source if eq else None,
+            name, "awq", ActMode.NONE, st.max_abs, m_eq,
+            weight=quantize_groups(eq_w[name], config.group_size, config.symmetric, config.bits, clip=clip),
+            equalized_by=eq.source if eq else None,
             reason=f"AWQ {grid}: {notes.get(name, '').lstrip('; ')}; float activations",
         )
     return plan

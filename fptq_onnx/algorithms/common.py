@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fptq_onnx.calibration import LinearStats, decoder_linears
+from fptq_onnx.calibration import LinearStats
 from fptq_onnx.errors import FptqError
-from fptq_onnx.models.registry import ArchSpec, LinearPair
+from fptq_onnx.models.registry import LinearPair
 from fptq_onnx.plan import Equalization
 from fptq_onnx.quant import QuantizedWeight, quantize_groups, static_scale
 
@@ -15,11 +15,6 @@ from fptq_onnx.quant import QuantizedWeight, quantize_groups, static_scale
 def check_group_size(group_size: int) -> None:
     if group_size < 16 or group_size & (group_size - 1):
         raise FptqError(f"group size must be a power of two >= 16, got {group_size}")
-
-
-def float_weights(model: torch.nn.Module, spec: ArchSpec) -> dict[str, np.ndarray]:
-    """Every decoder linear's weight as [K, N] (the ONNX MatMul B layout), float32 copies."""
-    return {name: m.weight.detach().float().numpy().T.copy() for name, m in decoder_linears(model, spec).items()}
 
 
 def apply_equalizations(weights: dict[str, np.ndarray], equalizations: list[Equalization]) -> dict[str, np.ndarray]:

@@ -15,18 +15,16 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
 from fptq_onnx.algorithms.common import (
     check_group_size,
     clipped_static_scale,
     expand_heads,
     grouped_head_scale,
 )
-from fptq_onnx.algorithms.weight_quant import check_weight_quantizer, quantize_equalized
-from fptq_onnx.calibration import Calibration
+from fptq_onnx.algorithms.gptq import GptqSettings
+from fptq_onnx.algorithms.layer import LayerContext
+from fptq_onnx.algorithms.weight_quant import check_weight_quantizer, gptq_settings, layer_weights, weight_observers
 from fptq_onnx.errors import FptqError
-from fptq_onnx.models.registry import ArchSpec, layer_prefix
 from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
 from fptq_onnx.quant import lae_scales
 
@@ -51,13 +49,20 @@ class Config:
             raise FptqError(f"thresholds must satisfy 0 < v0 < v1, got v0={self.v0}, v1={self.v1}")
 
 
-def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
+def observers(ctx: LayerContext, config: Config) -> dict:
+    return weight_observers(ctx, config.weights, config.group_size, config.symmetric)
+
+
+def gptq(config: Config) -> GptqSettings | None:
+    return gptq_settings(config.weights, config.group_size, config.symmetric)
+
+
+def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
     config.validate()
-    stats = calib.stats
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    plan = QuantPlan(method="fptq", config=asdict(config), calibration=calib.describe())
+    stats = ctx.stats
+    heads, kv_heads = ctx.heads
+    prefix = ctx.prefix
+    plan = QuantPlan(method="fptq", config=asdict(config), calibration=ctx.calibration)
 
     def static(name: str, strategy: str, eq: Equalization | None, reason: str) -> LinearPlan:
         s = eq.scale if eq is not None else None
@@ -69,41 +74,37 @@ def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, confi
         m = stats[name].max_abs
         return LinearPlan(name, "per_token", ActMode.PER_TOKEN, m, m, reason=reason)
 
-    for layer in range(cfg.num_hidden_layers):
-        prefix = layer_prefix(spec, layer)
-        for group in spec.groups:
-            names = [prefix + linear for linear in group.linears]
-            m = stats[names[0]].max_abs  # consumers of one norm share one input
-            if m < config.v0:
-                for name in names:
-                    plan.linears[name] = static(name, "static", None, f"max {m:.1f} < v0={config.v0:g}")
-            elif m < config.v1:
-                eq = Equalization(prefix + group.norm, "norm", names, lae_scales(stats[names[0]].channel_max_np()), "lae")
-                plan.equalizations.append(eq)
-                for name in names:
-                    plan.linears[name] = static(name, "lae+static", eq, f"v0 <= max {m:.1f} < v1={config.v1:g}; s folded into {group.norm}")
-            else:
-                for name in names:
-                    plan.linears[name] = per_token(name, f"max {m:.1f} >= v1={config.v1:g}")
-        for pair in spec.pairs:
-            name, producer = prefix + pair.consumer, prefix + pair.producer
-            m = stats[name].max_abs
-            if m < config.v0:
+    for group in ctx.spec.groups:
+        names = [prefix + linear for linear in group.linears]
+        m = stats[names[0]].max_abs  # consumers of one norm share one input
+        if m < config.v0:
+            for name in names:
                 plan.linears[name] = static(name, "static", None, f"max {m:.1f} < v0={config.v0:g}")
-            elif m < config.v1 and config.fold_pairs and pair.foldable:
-                producer_side = lae_scales(grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads))
-                consumer_side = expand_heads(producer_side, heads, kv_heads) if pair.per_head else producer_side
-                eq = Equalization(producer, "linear", [name], consumer_side, "lae",
-                                  source_scale=producer_side if pair.per_head else None)
-                plan.equalizations.append(eq)
-                plan.linears[name] = static(name, "lae+static", eq, f"v0 <= max {m:.1f} < v1; s folded into {pair.producer} rows")
-            elif m < config.v1:
-                plan.linears[name] = per_token(name, f"v0 <= max {m:.1f} < v1 but no norm to fold LAE into (--fold-pairs folds into {pair.producer})")
-            else:
+        elif m < config.v1:
+            eq = Equalization(prefix + group.norm, "norm", names, lae_scales(stats[names[0]].channel_max_np()), "lae")
+            plan.equalizations.append(eq)
+            for name in names:
+                plan.linears[name] = static(name, "lae+static", eq, f"v0 <= max {m:.1f} < v1={config.v1:g}; s folded into {group.norm}")
+        else:
+            for name in names:
                 plan.linears[name] = per_token(name, f"max {m:.1f} >= v1={config.v1:g}")
+    for pair in ctx.spec.pairs:
+        name, producer = prefix + pair.consumer, prefix + pair.producer
+        m = stats[name].max_abs
+        if m < config.v0:
+            plan.linears[name] = static(name, "static", None, f"max {m:.1f} < v0={config.v0:g}")
+        elif m < config.v1 and config.fold_pairs and pair.foldable:
+            producer_side = lae_scales(grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads))
+            consumer_side = expand_heads(producer_side, heads, kv_heads) if pair.per_head else producer_side
+            eq = Equalization(producer, "linear", [name], consumer_side, "lae",
+                              source_scale=producer_side if pair.per_head else None)
+            plan.equalizations.append(eq)
+            plan.linears[name] = static(name, "lae+static", eq, f"v0 <= max {m:.1f} < v1; s folded into {pair.producer} rows")
+        elif m < config.v1:
+            plan.linears[name] = per_token(name, f"v0 <= max {m:.1f} < v1 but no norm to fold LAE into (--fold-pairs folds into {pair.producer})")
+        else:
+            plan.linears[name] = per_token(name, f"max {m:.1f} >= v1={config.v1:g}")
 
-    weights = quantize_equalized(model, spec, calib, plan.equalizations, config.group_size, config.symmetric,
-                                 config.weights)
-    for name, qw in weights.items():
+    for name, qw in layer_weights(ctx, plan.equalizations, config.group_size, config.symmetric, config.weights).items():
         plan.linears[name].weight = qw
     return plan

@@ -14,22 +14,22 @@ descending diag(H), and the group scales are *static*: computed up front on the
 original weights, so the result is still contiguous groups (ONNX has no g_idx).
 
 All linears of a layer are quantized from the inputs of one pass through the
-(float) layer; the next layer's inputs come from the quantized layer.
+(equalized, float) layer, those inputs coming from the already-quantized earlier
+layers (the layer walk's quantized stream); the next layer's inputs come from the
+quantized layer.
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from fptq_onnx.algorithms.common import check_group_size
-from fptq_onnx.algorithms.sequential import sequential_layers
-from fptq_onnx.calibration import Calibration, decoder_linears
+from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.errors import FptqError
-from fptq_onnx.models.registry import ArchSpec, fold_norm_scale
+from fptq_onnx.models.registry import fold_norm_scale
 from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
 from fptq_onnx.quant import QuantizedWeight, int_range, num_groups
 
@@ -81,7 +81,7 @@ MSE_NORM = 2.4
 
 def _searched_grid_params(w: torch.Tensor, symmetric: bool, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, the shrunk range whose grid rounds w with the least Σ|w − q(w)|^2.4."""
-    best_err = torch.full((w.shape[0],), float("inf"))
+    best_err = torch.full((w.shape[0],), float("inf"), device=w.device)
     best_scale, best_zero = _grid_params(w, symmetric, bits)
     lo_q, hi_q = int_range(bits, symmetric)
     for shrink in MSE_SHRINKS:
@@ -144,7 +144,7 @@ def gptq_quantize(
     w_kn = torch.as_tensor(np.asarray(weight_kn, np.float32) if isinstance(weight_kn, np.ndarray) else weight_kn)
     W = w_kn.detach().float().T.clone()  # [N, K]: columns are input channels, as in the paper's code
     n, k = W.shape
-    H = hessian.detach().float().clone()
+    H = hessian.detach().float().to(W.device).clone()
     if H.shape != (k, k):
         raise FptqError(f"GPTQ: Hessian shape {tuple(H.shape)} does not match K={k}")
     lo_q, hi_q = int_range(bits, symmetric)
@@ -155,8 +155,8 @@ def gptq_quantize(
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
 
-    scales = torch.zeros(groups, n)
-    zeros = torch.zeros(groups, n)
+    scales = torch.zeros(groups, n, device=W.device)
+    zeros = torch.zeros(groups, n, device=W.device)
     if act_order:
         # Static groups: grids from the original weights, original contiguous grouping.
         for g in range(groups):
@@ -202,22 +202,35 @@ def gptq_quantize(
 
     if act_order:
         Q = Q[:, invperm]
-    q = Q.T.numpy()  # [K, N]
+    q = Q.T.cpu().numpy()  # [K, N]
     q = q.astype(np.int8) if symmetric or bits < 8 else q.astype(np.uint8)
     assert q.min() >= lo_q and q.max() <= hi_q
-    zero_points = None if symmetric else zeros.numpy().astype(np.uint8)
-    return QuantizedWeight(q=q, scales=scales.numpy().astype(np.float32), zero_points=zero_points,
+    zero_points = None if symmetric else zeros.cpu().numpy().astype(np.uint8)
+    return QuantizedWeight(q=q, scales=scales.cpu().numpy().astype(np.float32), zero_points=zero_points,
                            group_size=group_size, bits=bits)
 
 
-# --------------------------------------------------------------------------- sequential GPTQ over a model
+# --------------------------------------------------------------------------- GPTQ of one decoder layer (run by the walk)
+
+
+@dataclass(frozen=True)
+class GptqSettings:
+    """What the walk needs to GPTQ a layer (the `gptq` method's config, or a weight quantizer's defaults)."""
+
+    group_size: int
+    symmetric: bool
+    bits: int = 4
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    mse: bool = False
 
 
 class HessianAccumulator:
     """Running H = 2/n Σ xᵀx over the rows of the inputs seen so far (the paper's update)."""
 
-    def __init__(self, k: int) -> None:
-        self.h = torch.zeros(k, k)
+    def __init__(self, k: int, device: torch.device | str = "cpu") -> None:
+        self.h = torch.zeros(k, k, device=device)
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -229,109 +242,84 @@ class HessianAccumulator:
         self.h.addmm_(x.T, x)
 
 
-def _input_groups(spec: ArchSpec) -> list[tuple[str, ...]]:
-    """Linears of one layer that read the same input (one Hessian each group)."""
-    return [tuple(g.linears) for g in spec.groups] + [(p.consumer,) for p in spec.pairs]
-
-
-def apply_equalizations_torch(model: torch.nn.Module, equalizations: list[Equalization],
+def apply_equalizations_torch(modules: dict[str, torch.nn.Module], equalizations: list[Equalization],
                               norm_offset: float = 0.0) -> None:
-    """In place, like fakequant.apply_plan: norm weight / s (ArchSpec.norm_offset: Gemma's 1 + w),
+    """In place, like fakequant: norm weight / s (ArchSpec.norm_offset: Gemma's 1 + w),
     producer rows (and bias) / s, consumer columns * s."""
-    modules = dict(model.named_modules())
     with torch.no_grad():
         for eq in equalizations:
             source = modules[eq.source]
-            side = torch.from_numpy(np.asarray(eq.source_side(), np.float32))
+            side = torch.from_numpy(np.asarray(eq.source_side(), np.float32)).to(source.weight.device)
             if eq.kind == "norm":
                 source.weight.copy_(fold_norm_scale(source.weight, side, norm_offset))
             else:
                 source.weight.div_(side[:, None])
                 if getattr(source, "bias", None) is not None:
                     source.bias.div_(side)
-            scale = torch.from_numpy(np.asarray(eq.scale, np.float32))
+            scale = torch.from_numpy(np.asarray(eq.scale, np.float32)).to(source.weight.device)
             for name in eq.linears:
                 modules[name].weight.mul_(scale[None, :])
 
 
-def run_gptq(
-    model: torch.nn.Module,
-    spec: ArchSpec,
-    tokens: torch.Tensor,
-    group_size: int,
-    symmetric: bool,
-    bits: int = 4,
-    damp: float = 0.01,
-    block_size: int = 128,
-    act_order: bool = False,
-    mse: bool = False,
-    progress: bool | None = None,
-) -> dict[str, QuantizedWeight]:
-    """Sequential GPTQ *in place* on `model` (its linears end up dequantized); returns the weights."""
-    out: dict[str, QuantizedWeight] = {}
-    for step in sequential_layers(model, spec, tokens, desc="gptq"):
-        hessians: dict[str, HessianAccumulator] = {}
-        handles = []
-        for names in _input_groups(spec):
-            module = step.linears[step.prefix + names[0]]
-            acc = HessianAccumulator(module.in_features)
-            for name in names:
-                hessians[step.prefix + name] = acc
-            handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
-        try:
-            step.forward(keep=False)
-        finally:
-            for handle in handles:
-                handle.remove()
-        for name, acc in hessians.items():
-            module = step.linears[name]
-            qw = gptq_quantize(module.weight.detach().T, acc.h, group_size, symmetric, bits, damp, block_size,
-                               act_order, mse)
-            with torch.no_grad():
-                module.weight.copy_(torch.from_numpy(qw.dequantize().T))
-            out[name] = qw
-        step.reuse_outputs = False  # next inputs come from the quantized layer
-    missing = set(decoder_linears(model, spec)) - set(out)
-    if missing:
-        raise FptqError(f"GPTQ never reached {min(missing)}; is it in the architecture table?")
-    return out
-
-
-def gptq_weights(
-    model: torch.nn.Module,
-    spec: ArchSpec,
-    calib: Calibration,
+def gptq_layer(
+    layer: torch.nn.Module,
+    prefix: str,
+    reader_groups: list[list[str]],
     equalizations: list[Equalization],
-    group_size: int,
-    symmetric: bool,
-    bits: int = 4,
-    damp: float = 0.01,
-    act_order: bool = False,
-    block_size: int = 128,
-    mse: bool = False,
-) -> dict[str, QuantizedWeight]:
-    """GPTQ as a weight quantizer after equalization (for FPTQ and others).
+    forward,
+    settings: GptqSettings,
+    norm_offset: float = 0.0,
+) -> tuple[dict[str, QuantizedWeight], torch.Tensor]:
+    """GPTQ one decoder layer: (its weights, the quantized layer's outputs = the next layer's inputs).
 
-    Applies the equalizations to a deep copy of the model (the function is
-    unchanged), then runs sequential GPTQ on it with float activations. The
-    returned weights are of the equalized linears, ready for a plan with the
-    same equalizations.
+    `layer` is a working copy (changed in place): equalized first (the float function is
+    unchanged), then every linear's Hessian comes from one `forward(layer, keep=False)`
+    on the quantized stream's inputs, its weights are replaced by their dequantized GPTQ
+    values and `forward(layer, keep=True)` gives the next inputs.
     """
-    work = copy.deepcopy(model).eval()
-    apply_equalizations_torch(work, equalizations, spec.norm_offset)
-    return run_gptq(work, spec, calib.tokens, group_size, symmetric, bits, damp, block_size, act_order, mse)
+    modules = {prefix + n: m for n, m in layer.named_modules() if n}
+    apply_equalizations_torch(modules, equalizations, norm_offset)
+    hessians: dict[str, HessianAccumulator] = {}
+    handles = []
+    for names in reader_groups:
+        module = modules[names[0]]
+        acc = HessianAccumulator(module.in_features, module.weight.device)
+        hessians.update({name: acc for name in names})
+        handles.append(module.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+    try:
+        forward(layer, keep=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    out: dict[str, QuantizedWeight] = {}
+    for name, acc in hessians.items():
+        module = modules[name]
+        qw = gptq_quantize(module.weight.detach().T, acc.h, settings.group_size, settings.symmetric,
+                           settings.bits, settings.damp, settings.block_size, settings.act_order, settings.mse)
+        with torch.no_grad():
+            module.weight.copy_(torch.from_numpy(qw.dequantize().T).to(module.weight.device))
+        out[name] = qw
+    return out, forward(layer, keep=True)
 
 
-def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
+def observers(ctx: LayerContext, config: Config) -> dict:
+    return {}
+
+
+def gptq(config: Config) -> GptqSettings:
+    return GptqSettings(config.group_size, config.symmetric, config.bits, config.damp, config.block_size,
+                        config.act_order, config.mse)
+
+
+def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
+    """Float activations everywhere; the weights are the walk's GPTQ of the layer (`gptq(config)`)."""
     config.validate()
-    weights = gptq_weights(model, spec, calib, [], config.group_size, config.symmetric, config.bits, config.damp,
-                           config.act_order, config.block_size, config.mse)
-    plan = QuantPlan(method="gptq", config=asdict(config), calibration=calib.describe())
+    plan = QuantPlan(method="gptq", config=asdict(config), calibration=ctx.calibration)
     grid = f"int{config.bits} g{config.group_size} {'sym' if config.symmetric else 'asym'}"
-    for name in decoder_linears(model, spec):
-        m = calib.stats[name].max_abs if name in calib.stats else 0.0
+    for name in ctx.linears:
+        m = ctx.stats[name].max_abs
         plan.linears[name] = LinearPlan(
-            name, "gptq", ActMode.NONE, m, m, weight=weights[name],
+            name, "gptq", ActMode.NONE, m, m,
             reason=f"GPTQ {grid}{', act_order (static groups)' if config.act_order else ''}"
                    f"{', mse ranges' if config.mse else ''}; float activations",
         )

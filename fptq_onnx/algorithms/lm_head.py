@@ -11,6 +11,10 @@ near-lossless. Why int4 + per-token rather than int8 per-channel: in ONNX Runtim
 is a DequantizeLinear run on every call (100x slower at M=1 than W4A8MatMul on this shape,
 bench/lm_head_cpu.py). The price is accuracy: +24% WikiText-2 ppl on SmolLM2 with the paper
 recipe (bench/e2e_cpu.md), so it is opt-in and not part of `--recipe best`.
+
+Both run outside the layer walk: the embedding plan before it (it depends on the weights only,
+and the parity reference starts from it), the lm_head after it (it follows the layers' weight
+format, and its input range is the final norm of the walk's last float hidden states).
 """
 
 from __future__ import annotations
@@ -22,16 +26,33 @@ from fptq_onnx.passes.quantize_lm_head import LM_HEAD
 from fptq_onnx.plan import ActMode, EmbeddingPlan, LinearPlan, QuantPlan
 from fptq_onnx.quant import quantize_groups, quantize_int8_per_channel
 
-# Forward passes spent measuring the lm_head's input range (recorded, not used by per-token).
-RANGE_WINDOWS = 2
+# Calibration windows whose final-norm output measures the lm_head's input range (recorded, not used by per-token).
+RANGE_WINDOWS = 4
 
 
-def add_lm_head(plan: QuantPlan, model: torch.nn.Module, tokens: torch.Tensor) -> None:
-    """Plan `lm_head` like the decoder linears, and a tied embedding as int8 rows."""
+def _head(model: torch.nn.Module) -> torch.nn.Module:
     head = model.get_output_embeddings()
     names = {module: name for name, module in model.named_modules()}
     if names.get(head) != LM_HEAD or head.bias is not None:
         raise FptqError(f"--quantize-lm-head: expected a bias-free output linear named '{LM_HEAD}'")
+    return head
+
+
+def tied_embedding(model: torch.nn.Module) -> EmbeddingPlan | None:
+    """int8 rows of an input embedding that shares the lm_head's weight; None when untied."""
+    head = _head(model)
+    embed = model.get_input_embeddings()
+    if embed.weight.data_ptr() != head.weight.data_ptr():
+        return None
+    name = next(n for n, m in model.named_modules() if m is embed)
+    weight = head.weight.detach().float().numpy().T.copy()  # [K, N]
+    return EmbeddingPlan(name, LM_HEAD, quantize_int8_per_channel(weight, symmetric=True))
+
+
+def add_lm_head(plan: QuantPlan, model: torch.nn.Module, final_hidden: torch.Tensor,
+                embedding: EmbeddingPlan | None) -> None:
+    """Plan `lm_head` like the decoder linears (`final_hidden`: the last layer's float outputs)."""
+    head = _head(model)
     layers = [lp for lp in plan.linears.values() if lp.weight is not None]
     if not layers:
         raise FptqError("--quantize-lm-head: the method quantizes no weights to follow")
@@ -40,26 +61,16 @@ def add_lm_head(plan: QuantPlan, model: torch.nn.Module, tokens: torch.Tensor) -
     mode = (ActMode.PER_BLOCK if ActMode.PER_BLOCK in modes
             else ActMode.PER_TOKEN if modes & {ActMode.STATIC, ActMode.PER_TOKEN} else ActMode.NONE)
     weight = head.weight.detach().float().numpy().T.copy()  # [K, N]
-    max_abs = _input_max(model, head, tokens[:RANGE_WINDOWS])
+    windows = final_hidden[:RANGE_WINDOWS]
+    with torch.no_grad():
+        norm = model.get_decoder().norm
+        max_abs = float(norm.to(windows.device)(windows).abs().max())
+        norm.to("cpu")
     qw = quantize_groups(weight, ref.group_size, ref.symmetric, ref.bits)
     strategy = {ActMode.PER_TOKEN: "per_token", ActMode.PER_BLOCK: "per_block", ActMode.NONE: "float"}[mode]
     plan.linears[LM_HEAD] = LinearPlan(
         LM_HEAD, strategy, mode, max_abs, max_abs, weight=qw,
         reason=f"--quantize-lm-head: the layers' weight format ({qw.describe()}), RTN; "
-               f"activations {mode.value} (max|X| {max_abs:.3g} over {len(tokens[:RANGE_WINDOWS])} calibration windows)",
+               f"activations {mode.value} (max|X| {max_abs:.3g} over {len(windows)} calibration windows)",
     )
-    embed = model.get_input_embeddings()
-    if embed.weight is head.weight:
-        plan.embedding = EmbeddingPlan(names[embed], LM_HEAD, quantize_int8_per_channel(weight, symmetric=True))
-
-
-def _input_max(model: torch.nn.Module, head: torch.nn.Module, tokens: torch.Tensor) -> float:
-    seen: list[float] = []
-    handle = head.register_forward_pre_hook(lambda _m, args: seen.append(float(args[0].abs().max())))
-    try:
-        with torch.no_grad():
-            for window in tokens:
-                model(input_ids=window[None])
-    finally:
-        handle.remove()
-    return max(seen)
+    plan.embedding = embedding

@@ -18,12 +18,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-import torch
-
-from fptq_onnx.algorithms.common import check_group_size, float_weights
-from fptq_onnx.algorithms.rtn import max_abs, quantize_all
-from fptq_onnx.calibration import Calibration
-from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.algorithms.common import check_group_size
+from fptq_onnx.algorithms.layer import LayerContext
+from fptq_onnx.algorithms.rtn import quantize_all
 from fptq_onnx.plan import ActMode, LinearPlan, QuantPlan
 
 SUMMARY = ("naive ORT W4A8: RTN int4 g128 asymmetric (MatMulNBitsQuantizer defaults) + MatMulNBits accuracy_level 4 "
@@ -41,13 +38,12 @@ class Config:
         check_group_size(self.group_size)
 
 
-def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration | None, config: Config) -> QuantPlan:
+def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
     """Every decoder linear: int4 RTN weights, ActMode.PER_BLOCK. Calibration is only recorded (max |X|)."""
     config.validate()
-    plan = QuantPlan(method="ort-acc4", config=asdict(config), calibration=calib.describe() if calib else {})
-    weights = quantize_all(float_weights(model, spec), 4, config.group_size, False, config.is_symmetric)
-    for name, qw in weights.items():
-        m = max_abs(calib, name)
+    plan = QuantPlan(method="ort-acc4", config=asdict(config), calibration=ctx.calibration)
+    for name, qw in quantize_all(ctx.weights(), 4, config.group_size, False, config.is_symmetric).items():
+        m = ctx.stats[name].max_abs
         plan.linears[name] = LinearPlan(
             name, "per_block", ActMode.PER_BLOCK, m, m, weight=qw,
             reason="ORT MatMulNBits accuracy_level 4: per-K-block dynamic int8 (native format)",

@@ -10,12 +10,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
-from fptq_onnx.algorithms.common import check_group_size, clipped_static_scale, float_weights
-from fptq_onnx.calibration import Calibration
+from fptq_onnx.algorithms.common import check_group_size, clipped_static_scale
+from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.errors import FptqError
-from fptq_onnx.models.registry import ArchSpec
 from fptq_onnx.plan import ActMode, LinearPlan, QuantPlan
 from fptq_onnx.quant import QuantizedWeight, quantize_groups
 
@@ -61,12 +59,6 @@ def quantize_all(weights: dict[str, np.ndarray], bits: int, group_size: int, per
             for name, w in weights.items()}
 
 
-def max_abs(calib: Calibration | None, name: str) -> float:
-    if calib is None or name not in calib.stats:
-        return 0.0
-    return calib.stats[name].max_abs
-
-
 @dataclass(frozen=True)
 class Config:
     bits: int = 4
@@ -84,18 +76,15 @@ class Config:
         act_mode(self.act)
 
 
-def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration | None, config: Config) -> QuantPlan:
+def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
     config.validate()
     mode = act_mode(config.act)
-    if mode == ActMode.STATIC and calib is None:
-        raise FptqError("rtn act=static needs calibration statistics")
     per_channel = weight_grouping(config.bits, config.group_size, config.per_channel)
-    plan = QuantPlan(method="rtn", config=asdict(config), calibration=calib.describe() if calib else {})
-    weights = float_weights(model, spec)
-    for name, qw in quantize_all(weights, config.bits, config.group_size, per_channel, config.symmetric).items():
-        m = max_abs(calib, name)
+    plan = QuantPlan(method="rtn", config=asdict(config), calibration=ctx.calibration)
+    for name, qw in quantize_all(ctx.weights(), config.bits, config.group_size, per_channel, config.symmetric).items():
+        m = ctx.stats[name].max_abs
         if mode == ActMode.STATIC:
-            covered, scale = clipped_static_scale(calib.stats[name], config.act_clip)
+            covered, scale = clipped_static_scale(ctx.stats[name], config.act_clip)
             lp = LinearPlan(name, "static", mode, m, covered, scale, reason=f"naive per-tensor static ({config.act_clip})")
         elif mode == ActMode.PER_TOKEN:
             lp = LinearPlan(name, "per_token", mode, m, m, reason="per-token dynamic int8 on every linear")

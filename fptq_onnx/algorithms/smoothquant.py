@@ -19,19 +19,16 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
-import torch
 
 from fptq_onnx.algorithms.common import (
     apply_equalizations,
     clipped_static_scale,
     expand_heads,
-    float_weights,
     grouped_head_scale,
 )
+from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.algorithms.rtn import parse_optional_bool, quantize_all, weight_grouping
-from fptq_onnx.calibration import Calibration
 from fptq_onnx.errors import FptqError
-from fptq_onnx.models.registry import ArchSpec, layer_prefix
 from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
 
 SUMMARY = "SmoothQuant: s = max|X|^a / max|W|^(1-a) folded into norms; W8A8 per-channel (or W4A8 g128), per-token int8"
@@ -73,46 +70,40 @@ def weight_input_max(weights: list[np.ndarray]) -> np.ndarray:
     return np.max([np.abs(w).max(axis=1) for w in weights], axis=0)
 
 
-def smoothing(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, alpha: float,
-              fold_pairs: bool = False) -> list[Equalization]:
-    """The SmoothQuant equalizations of every layer (norm groups, plus pairs if asked)."""
-    stats = calib.stats
-    weights = float_weights(model, spec)
-    cfg = model.config
-    heads = cfg.num_attention_heads
-    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+def smoothing(ctx: LayerContext, alpha: float, fold_pairs: bool = False) -> list[Equalization]:
+    """The SmoothQuant equalizations of one layer (norm groups, plus pairs if asked)."""
+    stats = ctx.stats
+    weights = ctx.weights()
+    heads, kv_heads = ctx.heads
+    prefix = ctx.prefix
     out: list[Equalization] = []
-    for layer in range(cfg.num_hidden_layers):
-        prefix = layer_prefix(spec, layer)
-        for group in spec.groups:
-            names = [prefix + linear for linear in group.linears]
-            s = smooth_scales(stats[names[0]].channel_max_np(), weight_input_max([weights[n] for n in names]), alpha)
-            out.append(Equalization(prefix + group.norm, "norm", names, s, "smoothquant"))
-        if not fold_pairs:
-            continue
-        for pair in (pair for pair in spec.pairs if pair.foldable):
-            name, producer = prefix + pair.consumer, prefix + pair.producer
-            x_max = grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads)
-            w_max = grouped_head_scale(weight_input_max([weights[name]]), pair, heads, kv_heads)
-            producer_side = smooth_scales(x_max, w_max, alpha)
-            consumer_side = expand_heads(producer_side, heads, kv_heads) if pair.per_head else producer_side
-            out.append(Equalization(producer, "linear", [name], consumer_side, "smoothquant",
-                                    source_scale=producer_side if pair.per_head else None))
+    for group in ctx.spec.groups:
+        names = [prefix + linear for linear in group.linears]
+        s = smooth_scales(stats[names[0]].channel_max_np(), weight_input_max([weights[n] for n in names]), alpha)
+        out.append(Equalization(prefix + group.norm, "norm", names, s, "smoothquant"))
+    if not fold_pairs:
+        return out
+    for pair in (pair for pair in ctx.spec.pairs if pair.foldable):
+        name, producer = prefix + pair.consumer, prefix + pair.producer
+        x_max = grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads)
+        w_max = grouped_head_scale(weight_input_max([weights[name]]), pair, heads, kv_heads)
+        producer_side = smooth_scales(x_max, w_max, alpha)
+        consumer_side = expand_heads(producer_side, heads, kv_heads) if pair.per_head else producer_side
+        out.append(Equalization(producer, "linear", [name], consumer_side, "smoothquant",
+                                source_scale=producer_side if pair.per_head else None))
     return out
 
 
-def build_plan(model: torch.nn.Module, spec: ArchSpec, calib: Calibration, config: Config) -> QuantPlan:
+def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
     config.validate()
-    if calib is None:
-        raise FptqError("smoothquant needs calibration statistics")
     per_channel = weight_grouping(config.bits, config.group_size, config.per_channel)
-    plan = QuantPlan(method="smoothquant", config=asdict(config), calibration=calib.describe())
-    plan.equalizations = smoothing(model, spec, calib, config.alpha, config.fold_pairs)
+    plan = QuantPlan(method="smoothquant", config=asdict(config), calibration=ctx.calibration)
+    plan.equalizations = smoothing(ctx, config.alpha, config.fold_pairs)
     smoothed = {name: eq for eq in plan.equalizations for name in eq.linears}
-    weights = apply_equalizations(float_weights(model, spec), plan.equalizations)
+    weights = apply_equalizations(ctx.weights(), plan.equalizations)
     quantized = quantize_all(weights, config.bits, config.group_size, per_channel, config.symmetric)
     for name, qw in quantized.items():
-        st = calib.stats[name]
+        st = ctx.stats[name]
         eq = smoothed.get(name)
         after = float((st.channel_max_np() / eq.scale).max()) if eq is not None else st.max_abs
         prefix = "smoothquant+" if eq is not None else ""

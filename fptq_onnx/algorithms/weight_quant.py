@@ -10,8 +10,9 @@ loss of W4A8 on small models:
         equalized calibration inputs (AWQ's clip search, without AWQ's scales);
 - gptq: second-order rounding (GPTQ) on the equalized model, layer by layer.
 
-The mse and gptq quantizers walk the decoder layers once (sequential.py) to see
-each linear's inputs; rtn needs no data.
+mse records each reader group's Gram matrix during the walk's float forward of the
+layer; gptq is run by the walk itself (layer_walk.py), which keeps the quantized
+stream GPTQ needs; rtn needs no data.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from fptq_onnx.algorithms.common import apply_equalizations, float_weights, quantize_weights
-from fptq_onnx.calibration import Calibration
+from fptq_onnx.algorithms.common import apply_equalizations, quantize_weights
+from fptq_onnx.algorithms.gptq import GptqSettings
+from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.errors import FptqError
-from fptq_onnx.models.registry import ArchSpec
 from fptq_onnx.plan import Equalization
 from fptq_onnx.quant import QuantizedWeight, quantize_groups
 
@@ -36,30 +37,37 @@ def check_weight_quantizer(name: str) -> None:
         raise FptqError(f"unknown weight quantizer '{name}'; use one of: {', '.join(WEIGHT_QUANTIZERS)}")
 
 
-def quantize_equalized(
-    model: torch.nn.Module,
-    spec: ArchSpec,
-    calib: Calibration,
+def weight_observers(ctx: LayerContext, quantizer: str, group_size: int, symmetric: bool) -> dict:
+    """mse needs each reader group's Gram matrix on (a subsample of) the float inputs."""
+    if quantizer != "mse":
+        return {}
+    from fptq_onnx.algorithms.awq import InputStats, token_subsample
+
+    keep = token_subsample(ctx.samples, ctx.seqlen, MSE_MAX_TOKENS, seed=2000 + ctx.index)
+    return {f"mse:{names[0]}": (names[0], InputStats(ctx.linears[names[0]].in_features, keep, ctx.batch_size))
+            for names in ctx.reader_groups()}
+
+
+def gptq_settings(quantizer: str, group_size: int, symmetric: bool) -> GptqSettings | None:
+    """gptq: the walk quantizes the equalized layer from the quantized stream (GPTQ's defaults)."""
+    return GptqSettings(group_size, symmetric) if quantizer == "gptq" else None
+
+
+def layer_weights(
+    ctx: LayerContext,
     equalizations: list[Equalization],
     group_size: int,
     symmetric: bool,
     quantizer: str = "rtn",
 ) -> dict[str, QuantizedWeight]:
-    """Int4 weights of every decoder linear, for a plan that applies `equalizations`."""
+    """Int4 weights of the layer's linears for a plan that applies `equalizations` ({} for gptq: the walk's)."""
     check_weight_quantizer(quantizer)
     if quantizer == "gptq":
-        from fptq_onnx.algorithms.gptq import gptq_weights
-
-        return gptq_weights(model, spec, calib, equalizations, group_size, symmetric)
-    weights = apply_equalizations(float_weights(model, spec), equalizations)
+        return {}
+    weights = apply_equalizations(ctx.weights(), equalizations)
     if quantizer == "rtn":
         return quantize_weights(weights, group_size, symmetric)
-    return _mse_clipped(model, spec, calib, weights, equalizations, group_size, symmetric)
-
-
-def reader_groups(spec: ArchSpec) -> list[tuple[str, ...]]:
-    """The linears of one layer grouped by the input they read (norm groups, then pair consumers)."""
-    return [tuple(g.linears) for g in spec.groups] + [(p.consumer,) for p in spec.pairs]
+    return _mse_clipped(ctx, weights, equalizations, group_size, symmetric)
 
 
 def input_scale_of(equalizations: list[Equalization]) -> dict[str, np.ndarray]:
@@ -71,37 +79,20 @@ def equalized_gram(gram: torch.Tensor, scale: np.ndarray | None) -> torch.Tensor
     """XᵀX of X / s from XᵀX of X."""
     if scale is None:
         return gram
-    inv = torch.from_numpy(1.0 / scale.astype(np.float64))
+    inv = torch.from_numpy(1.0 / scale.astype(np.float64)).to(gram.device)
     return gram * inv[:, None] * inv[None, :]
 
 
-def _mse_clipped(model, spec, calib, weights, equalizations, group_size, symmetric) -> dict[str, QuantizedWeight]:
+def _mse_clipped(ctx: LayerContext, weights, equalizations, group_size, symmetric) -> dict[str, QuantizedWeight]:
     from fptq_onnx.algorithms.awq import Config as AwqConfig
-    from fptq_onnx.algorithms.awq import InputStats, search_clip, token_subsample
-    from fptq_onnx.algorithms.sequential import sequential_layers
+    from fptq_onnx.algorithms.awq import search_clip
 
     search = AwqConfig(group_size=group_size, symmetric=symmetric, grid=CLIP_GRID)
     scales = input_scale_of(equalizations)
-    samples, seqlen = calib.tokens.shape
-    batch_size = 4
+    grams = {name: ctx.observed[f"mse:{names[0]}"].gram for names in ctx.reader_groups() for name in names}
     out: dict[str, QuantizedWeight] = {}
-    for step in sequential_layers(model, spec, calib.tokens, desc="mse clip", batch_size=batch_size):
-        keep = token_subsample(samples, seqlen, MSE_MAX_TOKENS, seed=2000 + step.index)
-        stats: dict[str, InputStats] = {}
-        handles = []
-        for names in reader_groups(spec):  # linears reading one input share one Gram matrix
-            module = step.linears[step.prefix + names[0]]
-            st = InputStats(module.in_features, keep, batch_size)
-            stats.update({step.prefix + name: st for name in names})
-            handles.append(module.register_forward_pre_hook(lambda _m, a, st=st: st.add(a[0])))
-        try:
-            step.forward(keep=True)  # float layer: its outputs are the next inputs
-        finally:
-            for handle in handles:
-                handle.remove()
-        step.reuse_outputs = True
-        for name in step.linears:
-            gram = equalized_gram(stats[name].gram, scales.get(name))
-            clip, _, _ = search_clip(torch.from_numpy(weights[name]).double(), gram, search)
-            out[name] = quantize_groups(weights[name], group_size, symmetric, 4, clip=clip)
+    for name in ctx.linears:
+        gram = equalized_gram(grams[name], scales.get(name))
+        clip, _, _ = search_clip(torch.from_numpy(weights[name]).double(), gram, search)
+        out[name] = quantize_groups(weights[name], group_size, symmetric, 4, clip=clip)
     return out

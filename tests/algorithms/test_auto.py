@@ -10,9 +10,9 @@ from tiny import tiny_model
 
 from fptq_onnx.algorithms import auto, fptq
 from fptq_onnx.algorithms.auto import Choice, Group, _choose
-from fptq_onnx.algorithms.common import apply_equalizations, float_weights
-from fptq_onnx.algorithms.weight_quant import quantize_equalized
-from fptq_onnx.calibration import CalibrationConfig, calibrate
+from fptq_onnx.algorithms.common import apply_equalizations
+from fptq_onnx.calibration import CalibrationConfig
+from planning import build_plan, calibrate, float_weights
 from fptq_onnx.errors import FptqError
 from fptq_onnx.fakequant import apply_plan
 from fptq_onnx.plan import ActMode
@@ -41,13 +41,13 @@ def setup():
 def _error(model, spec, plan, activations=True) -> float:
     with torch.no_grad():
         ref = model(input_ids=HELD_OUT).logits
-        got = apply_plan(model, spec, plan, activations)(input_ids=HELD_OUT).logits
+        got = apply_plan(model, plan, activations)(input_ids=HELD_OUT).logits
     return float((got - ref).pow(2).mean())
 
 
 def test_auto_covers_every_linear_and_records_its_errors(setup):
     model, spec, calib = setup
-    plan = auto.build_plan(model, spec, calib, auto.Config(group_size=32))
+    plan = build_plan(auto, model, spec, calib, auto.Config(group_size=32))
     assert set(plan.linears) == set(float_weights(model, spec))
     for lp in plan.linears.values():
         assert lp.act_mode in (ActMode.STATIC, ActMode.PER_TOKEN) and lp.weight is not None
@@ -61,9 +61,9 @@ def test_auto_covers_every_linear_and_records_its_errors(setup):
 
 def test_auto_beats_paper_fptq_and_static_everywhere(setup):
     model, spec, calib = setup
-    best = _error(model, spec, auto.build_plan(model, spec, calib, auto.Config(group_size=32)))
-    paper = _error(model, spec, fptq.build_plan(model, spec, calib, fptq.Config(group_size=32)))
-    static_only = auto.build_plan(model, spec, calib, auto.Config(group_size=32, max_dynamic=0.0))
+    best = _error(model, spec, build_plan(auto, model, spec, calib, auto.Config(group_size=32)))
+    paper = _error(model, spec, build_plan(fptq, model, spec, calib, fptq.Config(group_size=32)))
+    static_only = build_plan(auto, model, spec, calib, auto.Config(group_size=32, max_dynamic=0.0))
     assert all(lp.act_mode == ActMode.STATIC for lp in static_only.linears.values())
     assert best < paper
     assert best <= _error(model, spec, static_only)
@@ -84,7 +84,7 @@ def test_dynamic_budget_switches_the_cheapest_groups_first():
 
 def test_auto_equalizations_keep_the_float_function(setup):
     model, spec, calib = setup
-    plan = auto.build_plan(model, spec, calib, auto.Config(group_size=32))
+    plan = build_plan(auto, model, spec, calib, auto.Config(group_size=32))
     assert plan.equalizations, "outlier channels should make some equalization win"
     assert {eq.kind for eq in plan.equalizations} == {"norm", "linear"}
     weights = apply_equalizations(float_weights(model, spec), plan.equalizations)
@@ -93,32 +93,29 @@ def test_auto_equalizations_keep_the_float_function(setup):
                                     group_size=1)
     with torch.no_grad():
         ref = model(input_ids=HELD_OUT).logits
-        got = apply_plan(model, spec, plan, activations=False)(input_ids=HELD_OUT).logits
+        got = apply_plan(model, plan, activations=False)(input_ids=HELD_OUT).logits
     torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
 
 
 @pytest.mark.parametrize("quantizer", ["mse", "gptq"])
 def test_data_aware_weights_beat_rtn_on_output_error(setup, quantizer):
+    """Same FPTQ decisions and equalizations; only the int4 weights differ."""
     model, spec, calib = setup
-    eqs = fptq.build_plan(model, spec, calib, fptq.Config(group_size=32)).equalizations
-    rtn = quantize_equalized(model, spec, calib, eqs, 32, True, "rtn")
-    better = quantize_equalized(model, spec, calib, eqs, 32, True, quantizer)
-    assert set(rtn) == set(better)
-    plan = fptq.build_plan(model, spec, calib, fptq.Config(group_size=32))
-    errs = {}
-    for label, weights in (("rtn", rtn), (quantizer, better)):
-        for name, qw in weights.items():
-            plan.linears[name].weight = qw
-        errs[label] = _error(model, spec, plan, activations=False)
-    assert errs[quantizer] < errs["rtn"]
+    rtn = build_plan(fptq, model, spec, calib, fptq.Config(group_size=32))
+    better = build_plan(fptq, model, spec, calib, fptq.Config(group_size=32, weights=quantizer))
+    assert set(rtn.linears) == set(better.linears)
+    for a, b in zip(rtn.equalizations, better.equalizations, strict=True):
+        np.testing.assert_array_equal(a.scale, b.scale)
+    assert _error(model, spec, better, activations=False) < _error(model, spec, rtn, activations=False)
     if quantizer == "mse":  # clipping only shrinks ranges: every dequantized |w| stays within RTN's grid range
-        name = next(iter(rtn))
-        assert np.abs(dequantize(better[name])).max() <= np.abs(dequantize(rtn[name])).max() + 1e-6
+        name = next(iter(rtn.linears))
+        assert (np.abs(dequantize(better.linears[name].weight)).max()
+                <= np.abs(dequantize(rtn.linears[name].weight)).max() + 1e-6)
 
 
 def test_fptq_weights_option_and_bad_configs(setup):
     model, spec, calib = setup
-    plan = fptq.build_plan(model, spec, calib, fptq.Config(group_size=32, symmetric=False, weights="mse"))
+    plan = build_plan(fptq, model, spec, calib, fptq.Config(group_size=32, symmetric=False, weights="mse"))
     assert all(lp.weight.zero_points is not None for lp in plan.linears.values())
     assert plan.config["weights"] == "mse"
     for bad in (dict(weights="awq2"), dict(max_dynamic=1.5), dict(alphas="0.5,x"), dict(alphas="1.5")):

@@ -12,9 +12,10 @@ from fptq_onnx.models.registry import spec_for
 from tiny import tiny_model
 
 from fptq_onnx.algorithms import awq
-from fptq_onnx.algorithms.common import float_weights, quantize_weights
+from fptq_onnx.algorithms.common import quantize_weights
 from fptq_onnx.algorithms.gptq import apply_equalizations_torch
-from fptq_onnx.calibration import CalibrationConfig, calibrate
+from fptq_onnx.calibration import CalibrationConfig
+from planning import build_plan, calibrate, float_weights
 from fptq_onnx.errors import FptqError
 from fptq_onnx.fakequant import apply_plan
 from fptq_onnx.plan import ActMode, LinearPlan, QuantPlan
@@ -41,7 +42,7 @@ def planned() -> dict:
         model = _outlier_model(arch)
         spec = spec_for(model.config.model_type)
         calib = calibrate(model, spec, None, CALIB, progress=False)
-        out[arch] = (model, spec, calib, awq.build_plan(model, spec, calib, CONFIG))
+        out[arch] = (model, spec, calib, build_plan(awq, model, spec, calib, CONFIG))
     return out
 
 
@@ -86,12 +87,12 @@ def test_equalization_alone_keeps_the_float_function(arch, planned):
         model = _outlier_model(arch)
         spec = spec_for(model.config.model_type)
         calib = calibrate(model, spec, None, CALIB, progress=False)
-        plan = awq.build_plan(model, spec, calib, dataclasses.replace(CONFIG, clip_search=False))
+        plan = build_plan(awq, model, spec, calib, dataclasses.replace(CONFIG, clip_search=False))
     layers = model.config.num_hidden_layers
     assert len(plan.equalizations) == 4 * layers  # qkv, gate/up, v->o, up->down in every layer
     assert all(e.method == "awq" for e in plan.equalizations)
     equalized = copy.deepcopy(model)
-    apply_equalizations_torch(equalized, plan.equalizations)  # both sides, no quantization
+    apply_equalizations_torch(dict(equalized.named_modules()), plan.equalizations)  # both sides, no quantization
     ref = _logits(model, HELD_OUT[:4])
     got = _logits(equalized, HELD_OUT[:4])
     assert (got - ref).abs().max() < 1e-5 * max(1.0, float(ref.abs().max()))
@@ -117,8 +118,8 @@ def test_awq_beats_asymmetric_rtn_with_outliers(planned):
         for name, qw in quantize_weights(float_weights(model, spec), 32, False).items():
             rtn.linears[name] = LinearPlan(name, "rtn", ActMode.NONE, 0.0, 0.0, weight=qw)
         ref = _logits(model, HELD_OUT)
-        err_awq = float(((_logits(apply_plan(model, spec, plan), HELD_OUT) - ref) ** 2).mean())
-        err_rtn = float(((_logits(apply_plan(model, spec, rtn), HELD_OUT) - ref) ** 2).mean())
+        err_awq = float(((_logits(apply_plan(model, plan), HELD_OUT) - ref) ** 2).mean())
+        err_rtn = float(((_logits(apply_plan(model, rtn), HELD_OUT) - ref) ** 2).mean())
         assert err_awq < 0.8 * err_rtn, arch
 
 
@@ -140,5 +141,5 @@ def test_awq_plan_as_qdq_onnx_matches_fake_quant(planned, tmp_path):
     save_model(apply_format(export_float(model, spec), plan, "qdq"), path)
     ids = np.random.default_rng(0).integers(0, 128, size=(2, 16), dtype=np.int64)
     onnx_logits = OnnxCausalLM(path).logits(ids)
-    ref = _logits(apply_plan(model, spec, plan), torch.from_numpy(ids)).numpy()
+    ref = _logits(apply_plan(model, plan), torch.from_numpy(ids)).numpy()
     assert np.abs(onnx_logits - ref).max() < 1e-3

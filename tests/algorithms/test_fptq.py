@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from fptq_onnx.algorithms import fptq
-from fptq_onnx.algorithms.common import apply_equalizations, float_weights
-from fptq_onnx.calibration import Calibration, CalibrationConfig, LinearStats, decoder_linears
+from fptq_onnx.algorithms.common import apply_equalizations
+from fptq_onnx.calibration import Calibration, CalibrationConfig, LinearStats
+from planning import decoder_linears, float_weights, plan_with_stats
 from fptq_onnx.errors import FptqError
 from fptq_onnx.fakequant import apply_plan
 from fptq_onnx.models.registry import layer_prefix, spec_for
@@ -53,7 +54,7 @@ def plan_for(model, peaks, default=1.0, **config):
     spec = spec_for(model.config.model_type)
     cfg = fptq.Config(**{"v0": V0, "v1": V1, "group_size": 16, **config})
     calib = make_calib(model, peaks, default)
-    return fptq.build_plan(model, spec, calib, cfg), calib
+    return plan_with_stats(fptq, model, spec, calib, cfg), calib
 
 
 @pytest.fixture(scope="module")
@@ -181,7 +182,7 @@ def test_equalizations_alone_keep_the_float_function(tiny_models, arch):
     weights = apply_equalizations(float_weights(model, spec), plan.equalizations)
     for name, lp in plan.linears.items():
         lp.weight = _exact(weights[name])
-    folded = apply_plan(model, spec, plan, activations=False)
+    folded = apply_plan(model, plan, activations=False)
     ids = torch.randint(0, model.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(input_ids=ids).logits

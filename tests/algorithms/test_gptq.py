@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import numpy as np
 import pytest
 import torch
@@ -11,16 +9,13 @@ from fptq_onnx.models.registry import spec_for
 from tiny import tiny_model
 
 from fptq_onnx.algorithms import gptq
-from fptq_onnx.algorithms.common import (
-    apply_equalizations,
-    expand_heads,
-    float_weights,
-    quantize_weights,
-)
-from fptq_onnx.algorithms.sequential import capture_layer_inputs, sequential_layers
-from fptq_onnx.calibration import CalibrationConfig, calibrate, decoder_linears
+from fptq_onnx.algorithms.common import quantize_weights
+from fptq_onnx.layer_source import ModelLayers
+from fptq_onnx.layer_walk import forward_all
+from fptq_onnx.calibration import CalibrationConfig
+from planning import build_plan, calibrate, decoder_linears, float_weights
 from fptq_onnx.fakequant import apply_plan
-from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
+from fptq_onnx.plan import ActMode, LinearPlan, QuantPlan
 from fptq_onnx.quant import quantize_groups
 
 # Model-level error comparisons on held-out tokens: 128 calibration tokens give a rank-deficient
@@ -126,18 +121,16 @@ def llama():
     return model, spec, calibrate(model, spec, None, CALIB_MODEL, progress=False)
 
 
-def test_sequential_runner_reproduces_the_model(llama):
-    """Walking the layers with captured inputs and kwargs gives the model's own final hidden states."""
+def test_layer_source_walk_reproduces_the_model(llama):
+    """Captured layer-0 inputs and kwargs, run layer by layer, give the model's own final hidden states."""
     model, spec, calib = llama
-    hidden, kwargs = capture_layer_inputs(model, spec, calib.tokens)
+    source = ModelLayers(model, spec)
+    hidden, kwargs = source.capture(calib.tokens)
     assert hidden.shape == (16, 32, 64) and len(kwargs) == 2
     assert "position_embeddings" in kwargs[0]
-    last = None
-    for step in sequential_layers(model, spec, calib.tokens, batch_size=3):
-        assert set(step.linears) == {step.prefix + n for n in spec.linears()}
-        last = step
-    final = last.forward()  # inputs of the last layer -> its outputs
-    torch.testing.assert_close(final, _pre_norm(model, calib.tokens), rtol=1e-4, atol=1e-4)
+    for index in range(source.num_layers):
+        hidden = forward_all(source.layer(index), hidden, kwargs[index])
+    torch.testing.assert_close(hidden, _pre_norm(model, calib.tokens), rtol=1e-4, atol=1e-4)
 
 
 def _pre_norm(model, tokens):
@@ -166,7 +159,7 @@ def test_gptq_layer_error_below_rtn_on_tiny_model(llama):
 
     Group 64 on down_proj (K=96) is a ragged group."""
     model, spec, calib = llama
-    plan = gptq.build_plan(model, spec, calib, gptq.Config(group_size=64))
+    plan = build_plan(gptq, model, spec, calib, gptq.Config(group_size=64))
     rtn = _rtn_plan(model, spec, 64, True)
     inputs = {}
     linears = decoder_linears(model, spec)
@@ -185,7 +178,7 @@ def test_gptq_layer_error_below_rtn_on_tiny_model(llama):
     assert set(plan.linears) == set(linears)
     # whole model, held-out tokens
     held_out = torch.randint(0, 128, (32, 32), generator=torch.Generator().manual_seed(9))
-    assert _logits_mse(apply_plan(model, spec, plan), model, held_out) < _logits_mse(apply_plan(model, spec, rtn), model, held_out)
+    assert _logits_mse(apply_plan(model, plan), model, held_out) < _logits_mse(apply_plan(model, rtn), model, held_out)
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
@@ -193,40 +186,12 @@ def test_gptq_act_order_asym_round_trips(arch):
     model = tiny_model(arch)
     spec = spec_for(model.config.model_type)
     calib = calibrate(model, spec, None, CALIB_MODEL, progress=False)
-    plan = gptq.build_plan(model, spec, calib, gptq.Config(group_size=32, symmetric=False, act_order=True))
+    plan = build_plan(gptq, model, spec, calib, gptq.Config(group_size=32, symmetric=False, act_order=True))
     assert all(not lp.weight.symmetric and lp.weight.scales.shape[0] == -(-lp.weight.q.shape[0] // 32)
                for lp in plan.linears.values())
-    fq = apply_plan(model, spec, plan)
+    fq = apply_plan(model, plan)
     held_out = torch.randint(0, 128, (32, 32), generator=torch.Generator().manual_seed(9))
-    assert _logits_mse(fq, model, held_out) < _logits_mse(apply_plan(model, spec, _rtn_plan(model, spec, 32, False)), model, held_out)
-
-
-def test_gptq_weights_after_equalization(llama):
-    """The FPTQ hook: equalize a copy, GPTQ it; the returned weights are of the equalized linears."""
-    model, spec, calib = llama
-    rng = np.random.default_rng(0)
-    p = "model.layers.0."
-    s_norm = rng.uniform(0.3, 3.0, 64).astype(np.float32)
-    s_kv = rng.uniform(0.3, 3.0, 32).astype(np.float32)  # 2 kv heads x 16
-    eqs = [
-        Equalization(p + "input_layernorm", "norm", [p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"], s_norm, "test"),
-        Equalization(p + "self_attn.v_proj", "linear", [p + "self_attn.o_proj"], expand_heads(s_kv, 4, 2), "test", source_scale=s_kv),
-    ]
-    before = copy.deepcopy(model.state_dict())
-    weights = gptq.gptq_weights(model, spec, calib, eqs, group_size=32, symmetric=True)
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # model untouched
-    q = float_weights(model, spec)[p + "self_attn.q_proj"]
-    deq = weights[p + "self_attn.q_proj"].dequantize()
-    assert np.abs(deq - q * s_norm[:, None]).mean() < 0.5 * np.abs(deq - q).mean()
-    plan = QuantPlan("gptq", {}, {}, equalizations=eqs)
-    rtn = QuantPlan("rtn", {}, {}, equalizations=eqs)  # RTN of the same equalized weights
-    equalized = apply_equalizations(float_weights(model, spec), eqs)
-    for name, qw in weights.items():
-        plan.linears[name] = LinearPlan(name, "gptq", ActMode.NONE, 0.0, 0.0, weight=qw)
-        rtn.linears[name] = LinearPlan(name, "rtn", ActMode.NONE, 0.0, 0.0,
-                                       weight=quantize_groups(equalized[name], 32, True))
-    held_out = torch.randint(0, 128, (32, 32), generator=torch.Generator().manual_seed(9))
-    assert _logits_mse(apply_plan(model, spec, plan), model, held_out) < _logits_mse(apply_plan(model, spec, rtn), model, held_out)
+    assert _logits_mse(fq, model, held_out) < _logits_mse(apply_plan(model, _rtn_plan(model, spec, 32, False)), model, held_out)
 
 
 def test_gptq_plan_as_qdq_onnx_matches_fake_quant(llama, tmp_path):
@@ -236,11 +201,11 @@ def test_gptq_plan_as_qdq_onnx_matches_fake_quant(llama, tmp_path):
     from fptq_onnx.saving import save_model
 
     model, spec, calib = llama
-    plan = gptq.build_plan(model, spec, calib, gptq.Config(group_size=64))
+    plan = build_plan(gptq, model, spec, calib, gptq.Config(group_size=64))
     path = tmp_path / "gptq.onnx"
     save_model(apply_format(export_float(model, spec), plan, "qdq"), path)
     ids = np.random.default_rng(0).integers(0, 128, size=(2, 16), dtype=np.int64)
     onnx_logits = OnnxCausalLM(path).logits(ids)
     with torch.no_grad():
-        ref = apply_plan(model, spec, plan)(input_ids=torch.from_numpy(ids)).logits.numpy()
+        ref = apply_plan(model, plan)(input_ids=torch.from_numpy(ids)).logits.numpy()
     assert np.abs(onnx_logits - ref).max() < 1e-3

@@ -19,8 +19,8 @@ import torch
 
 from fptq_onnx import algorithms
 from fptq_onnx.algorithms import ort_acc4, rtn
-from fptq_onnx.algorithms.common import float_weights
-from fptq_onnx.calibration import CalibrationConfig, calibrate
+from fptq_onnx.calibration import CalibrationConfig
+from planning import build_plan, calibrate, float_weights
 from fptq_onnx.errors import FptqError
 from fptq_onnx.export import export_float
 from fptq_onnx.fakequant import apply_plan
@@ -53,7 +53,7 @@ def _plan(setups, arch, method, **opts):
     model, spec, calib, _ = setups(arch)
     module = algorithms.get(method)
     config = algorithms.make_config(module, {}, {k: str(v) for k, v in opts.items()})
-    return module.build_plan(model, spec, calib, config)
+    return build_plan(module, model, spec, calib, config)
 
 
 def _copy(model: ir.Model) -> ir.Model:
@@ -142,7 +142,7 @@ def test_ort_acc4_native_fuses_to_matmulnbits_level4(setups, tmp_path):
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["accuracy_level"] == 4 and attrs["bits"] == 4 and attrs["block_size"] == 32
     # and it runs close to the weight-only reference (acc4 rounds activations per block)
-    ref = apply_plan(model, spec, plan, activations=False)
+    ref = apply_plan(model, plan, activations=False)
     with torch.no_grad():
         want = ref(input_ids=torch.from_numpy(_ids())).logits.numpy()
     got = OnnxCausalLM(path).logits(_ids())
@@ -172,7 +172,7 @@ def _ort_and_reference(setups, tmp_path, arch, method, opts, activations):
     plan = _plan(setups, arch, method, **opts)
     path = tmp_path / "model.onnx"
     save_model(apply_format(_copy(float_model), plan, "qdq"), path)
-    ref = apply_plan(model, spec, plan, activations=activations)
+    ref = apply_plan(model, plan, activations=activations)
     with torch.no_grad():
         want = ref(input_ids=torch.from_numpy(_ids())).logits.numpy()
     return OnnxCausalLM(path).logits(_ids()), want

@@ -10,8 +10,9 @@ import torch
 
 from fptq_onnx import algorithms
 from fptq_onnx.algorithms import smoothquant as sq
-from fptq_onnx.algorithms.common import apply_equalizations, float_weights
-from fptq_onnx.calibration import CalibrationConfig, calibrate, collect_stats, decoder_linears
+from fptq_onnx.algorithms.common import apply_equalizations
+from fptq_onnx.calibration import CalibrationConfig
+from planning import build_plan, calibrate, collect_stats, decoder_linears, float_weights
 from fptq_onnx.errors import FptqError
 from fptq_onnx.models.registry import spec_for
 from fptq_onnx.plan import ActMode
@@ -53,7 +54,7 @@ def _equalized_float(model, spec, equalizations):
 @pytest.mark.parametrize("fold_pairs", [False, True])
 def test_smoothing_alone_preserves_the_float_function(tiny_models, arch, fold_pairs):
     model, spec, calib = _setup(tiny_models, arch)
-    eqs = sq.smoothing(model, spec, calib, alpha=0.5, fold_pairs=fold_pairs)
+    eqs = build_plan(sq, model, spec, calib, sq.Config(fold_pairs=fold_pairs)).equalizations
     assert len(eqs) == model.config.num_hidden_layers * (len(spec.groups) + (len(spec.pairs) if fold_pairs else 0))
     smoothed = _equalized_float(model, spec, eqs)
     ids = torch.randint(0, 128, (1, 20), generator=torch.Generator().manual_seed(0))
@@ -65,8 +66,8 @@ def test_smoothing_alone_preserves_the_float_function(tiny_models, arch, fold_pa
 @pytest.mark.parametrize("fold_pairs", [False, True])
 def test_smoothing_reduces_input_range_of_smoothed_linears(tiny_models, fold_pairs):
     model, spec, calib = _setup(tiny_models, "llama", outlier=True)
-    eqs = sq.smoothing(model, spec, calib, alpha=0.5, fold_pairs=fold_pairs)
-    after = collect_stats(_equalized_float(model, spec, eqs), spec, calib.tokens, progress=False)
+    eqs = build_plan(sq, model, spec, calib, sq.Config(fold_pairs=fold_pairs)).equalizations
+    after = collect_stats(_equalized_float(model, spec, eqs), spec, calib.tokens)
     for eq in eqs:
         for name in eq.linears:
             before_max, after_max = calib.stats[name].channel_max_np(), after[name].channel_max_np()
@@ -90,7 +91,7 @@ def test_smooth_scales_formula_and_clamps():
 
 def test_weight_max_is_over_all_consumers(tiny_models):
     model, spec, calib = _setup(tiny_models, "llama")
-    eqs = sq.smoothing(model, spec, calib, alpha=0.5)
+    eqs = build_plan(sq, model, spec, calib, sq.Config()).equalizations
     weights = float_weights(model, spec)
     eq = eqs[0]
     w_max = np.max([np.abs(weights[n]).max(axis=1) for n in eq.linears], axis=0)
@@ -101,7 +102,7 @@ def test_weight_max_is_over_all_consumers(tiny_models):
 
 def test_w8a8_plan(tiny_models):
     model, spec, calib = _setup(tiny_models, "llama")
-    plan = sq.build_plan(model, spec, calib, sq.Config())
+    plan = build_plan(sq, model, spec, calib, sq.Config())
     assert plan.method == "smoothquant" and len(plan.equalizations) == 2 * model.config.num_hidden_layers
     for name, lp in plan.linears.items():
         assert lp.act_mode == ActMode.PER_TOKEN
@@ -115,7 +116,7 @@ def test_w4a8_static_plan(tiny_models):
     model, spec, calib = _setup(tiny_models, "llama")
     config = algorithms.make_config(sq, {"group_size": 128, "symmetric": True},
                                     {"bits": "4", "group_size": "32", "act": "static", "fold_pairs": "true"})
-    plan = sq.build_plan(model, spec, calib, config)
+    plan = build_plan(sq, model, spec, calib, config)
     by_linear = {n: eq for eq in plan.equalizations for n in eq.linears}
     for name, lp in plan.linears.items():
         assert (lp.weight.bits, lp.weight.group_size, lp.weight.per_channel) == (4, 32, False)

@@ -1,0 +1,212 @@
+"""The sinks of the layer walk for one converted model: ONNX graphs, parity reference, the bundle.
+
+`Conversion` is one method's output: one graph per requested format, cloned from the
+canonical float structure (stream_export.export_structure: decoder-linear weights are
+placeholders, everything else real). As the walk finishes a layer, `layer()` gives each
+graph that layer's weights (zeros for planned linears: the passes replace them by the
+plan's quantized ones; the float values for unplanned ones), runs the format's passes
+restricted to the layer's plan and moves the layer's new initializers into the
+format's external-data file; it also advances the parity reference (the parity prompt
+through the layer's fake-quant copies, fp32 and fp64, and weight-only for `native`).
+`finish()` stamps the decisions, saves the graph protos, checks parity in ONNX Runtime
+against the reference, and writes manifests and range plots, all into a staging
+directory that is moved into place only when everything succeeded.
+
+The same code serves the in-memory and the streamed source, so both give identical files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from fptq_onnx.errors import FptqError
+from fptq_onnx.fakequant import apply_plan
+from fptq_onnx.formats import FORMATS, run_passes
+from fptq_onnx.layer_source import LayerSource, layer_output
+from fptq_onnx.layer_walk import to_device
+from fptq_onnx.passes.stamp_decisions import StampDecisionsPass
+from fptq_onnx.plan import QuantPlan, manifest_path, to_json
+from fptq_onnx.report import say, step
+from fptq_onnx.saving import data_file_name
+from fptq_onnx.stream_export import ExternalDataWriter, check_complete, zero_weight
+
+FORMAT_ACTIVATIONS = {
+    "qdq": "as planned: explicit int8 Q/DQ (static per-tensor or per-token)",
+    "w4a8": "as planned, inside fptq.W4A8MatMul (static per-tensor or per-token int8)",
+    "native": "ONNX Runtime MatMulNBits accuracy_level 4: per-K-block dynamic int8 (planned activation modes not used)",
+    "fp32": "float",
+}
+
+
+def output_paths(out: Path, formats: list[str]) -> dict[str, Path]:
+    """The first format takes OUT.onnx; the others OUT.<format>.onnx."""
+    return {fmt: out if i == 0 else out.with_name(f"{out.stem}.{fmt}.onnx") for i, fmt in enumerate(formats)}
+
+
+def parity_text_ids(tokenizer, length: int = 64) -> np.ndarray:
+    """An in-distribution prompt for the parity check (text, not random tokens)."""
+    text = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+            "structure in Paris. Its base is square, measuring 125 metres on each side. During its construction, "
+            "the Eiffel Tower surpassed the Washington Monument to become the tallest man-made structure in the world.")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:length]
+    return np.array([ids], dtype=np.int64)
+
+
+def fill_layer(graph: ir.Graph, prefix: str, layer: torch.nn.Module, plan: QuantPlan) -> None:
+    """Give the layer's linear weight initializers values: zeros for planned ones, real floats otherwise."""
+    for name, module in layer.named_modules():
+        if not isinstance(module, torch.nn.Linear):
+            continue
+        full = prefix + name
+        value = graph.initializers.get(f"{full}.weight")
+        if value is None:
+            raise FptqError(f"the graph has no initializer {full}.weight")
+        lp = plan.linears.get(full)
+        if lp is not None and lp.weight is not None:
+            value.const_value = zero_weight(tuple(int(d) for d in value.shape))
+        else:
+            weight = module.weight.detach().float().cpu().numpy().T.copy()
+            value.const_value = ir.tensor(weight, name=f"{full}.weight")
+
+
+def layer_passes(fmt: str, plan: QuantPlan) -> list[ir.passes.PassBase]:
+    """The format's passes (formats.FORMATS) for one layer's plan, without the stamping."""
+    if fmt == "fp32":
+        return []
+    return [p for p in FORMATS[fmt](plan) if not isinstance(p, StampDecisionsPass)]
+
+
+class ParityReference:
+    """The parity prompt's hidden states through each layer's fake-quant copies (see the module doc)."""
+
+    def __init__(self, source: LayerSource, ids: np.ndarray, weight_only: bool) -> None:
+        self.ids = ids
+        hidden, self.kwargs = source.capture(torch.from_numpy(ids))
+        self.streams = {"fq32": hidden.float(), "fq64": hidden.double()}
+        if weight_only:
+            self.streams["wo32"] = hidden.float()
+
+    def layer(self, index: int, prefix: str, layer: torch.nn.Module, plan: QuantPlan) -> None:
+        device = next(layer.parameters()).device
+        kwargs = to_device(self.kwargs[index], device)
+
+        def run(module, key: str, dtype: torch.dtype) -> None:
+            with torch.no_grad():
+                x = self.streams[key].to(device)
+                out = layer_output(module(x, **to_device(kwargs, device, dtype)))
+            self.streams[key] = out.cpu()
+
+        fake = apply_plan(layer, plan, activations=True, prefix=prefix)
+        run(fake, "fq32", torch.float32)
+        run(fake.double(), "fq64", torch.float64)
+        del fake
+        if "wo32" in self.streams:
+            run(apply_plan(layer, plan, activations=False, prefix=prefix), "wo32", torch.float32)
+
+    def logits(self, source: LayerSource) -> dict[str, np.ndarray]:
+        return {key: source.head_logits(value).numpy() for key, value in self.streams.items()}
+
+
+def parity_from_logits(ref32: np.ndarray, ref64: np.ndarray | None, path: Path, ids: np.ndarray,
+                       tolerance: float | None, metric: str):
+    """`verify.check_parity` against reference logits of the full sequence (= prefill + decode)."""
+    from fptq_onnx.verify import Parity, onnx_prefill_decode
+
+    got_prefill, got_decode = onnx_prefill_decode(path, ids)
+    got = np.concatenate([got_prefill, got_decode], axis=1)
+    ref = ref32 if metric == "max" else ref64
+    noise_floor = None if metric == "max" else float(np.abs(ref32 - ref64).mean())
+    n = got_prefill.shape[1]
+    parity = Parity(
+        prefill_max_abs=float(np.abs(ref[:, :n] - got_prefill).max()),
+        decode_max_abs=float(np.abs(ref[:, n:] - got_decode).max()),
+        mean_abs=float(np.abs(ref - got).mean()),
+        logits_scale=float(np.abs(ref).max()),
+        top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).mean()),
+        metric=metric,
+        noise_floor=noise_floor,
+    )
+    if tolerance is not None and not parity.checked_value <= tolerance:
+        what = "max |logits diff|" if metric == "max" else "mean |logits diff| / fp32 noise floor"
+        raise FptqError(
+            f"parity check failed: {what} {parity.checked_value:.3g} > tolerance {tolerance:g} "
+            f"({parity.describe()}; --no-verify skips)"
+        )
+    return parity
+
+
+class Conversion:
+    """One method's output files (one per format), filled layer by layer; a sink of the walk."""
+
+    def __init__(self, structure: ir.Model, paths: dict[str, Path], stage, reference: ParityReference | None) -> None:
+        self.paths = paths
+        self.graphs = {fmt: structure.clone() for fmt in paths}
+        self.staged = {fmt: stage(path.name) for fmt, path in paths.items()}
+        self.writers = {fmt: ExternalDataWriter(stage(data_file_name(path))) for fmt, path in paths.items()}
+        self.reference = reference
+
+    def layer(self, index: int, prefix: str, layer: torch.nn.Module, plan: QuantPlan, kwargs: dict) -> None:
+        for fmt, graph in self.graphs.items():
+            fill_layer(graph.graph, prefix, layer, plan)
+            run_passes(graph, layer_passes(fmt, plan))
+            self.writers[fmt].spill(graph.graph)
+        if self.reference is not None:
+            self.reference.layer(index, prefix, layer, plan)
+
+    def save(self, plan: QuantPlan) -> None:
+        """Spill what is left (embeddings, head), stamp decisions and save each graph proto."""
+        try:
+            for fmt, graph in self.graphs.items():
+                self.writers[fmt].spill(graph.graph)
+                stamps = [] if fmt == "fp32" else [StampDecisionsPass(plan, fmt)]
+                run_passes(graph, [*stamps, ir.passes.common.TopologicalSortPass()])
+                check_complete(graph.graph)
+                ir.save(graph, self.staged[fmt])
+        finally:
+            self.close()
+        del self.graphs
+
+    def discard(self) -> None:
+        """Remove everything this conversion staged (a failed row of `compare` leaves nothing behind)."""
+        for path in next(iter(self.staged.values())).parent.iterdir():
+            if path.is_file():
+                path.unlink()
+
+    def close(self) -> None:
+        for writer in self.writers.values():
+            writer.close()
+
+    def check(self, source: LayerSource, tolerance: float) -> dict:
+        """Parity of every staged file against the streamed torch reference: {format: Parity}."""
+        if self.reference is None:
+            return {}
+        logits = self.reference.logits(source)
+        out = {}
+        for fmt, path in self.staged.items():
+            explicit = fmt not in ("native", "fp32")
+            with step(f"checking parity of {self.paths[fmt].name} (torch vs ONNX Runtime, prefill + decode)"):
+                out[fmt] = parity_from_logits(
+                    logits["fq32"] if explicit or fmt == "fp32" else logits["wo32"],
+                    logits["fq64"] if explicit else None, path, self.reference.ids,
+                    tolerance if explicit else (1e-3 if fmt == "fp32" else None),
+                    "noise" if explicit else "max")
+                say(f"  {out[fmt].describe()}")
+        return out
+
+    def onnx_bytes(self, fmt: str) -> int:
+        staged = self.staged[fmt]
+        return staged.stat().st_size + staged.with_name(data_file_name(self.paths[fmt])).stat().st_size
+
+
+def write_manifest(plan: QuantPlan, fmt: str, path: Path, stage, extra: dict) -> dict:
+    """The plan's manifest (and range plot) for one format, staged."""
+    from fptq_onnx.plot import plot_ranges
+
+    manifest = plan.manifest(format=fmt, runtime_activations=FORMAT_ACTIVATIONS[fmt], **extra)
+    stage(manifest_path(path).name).write_text(to_json(manifest))
+    plot_ranges(manifest, stage(path.stem + ".ranges.png"))
+    return manifest

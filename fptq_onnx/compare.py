@@ -48,7 +48,7 @@ def _evaluate(evaluate, scorer, tokenizer, tasks, data_dir, seqlen, limit, item_
 def build_models(model_arg, todo: list[dict], calibration: CalibrationConfig, verify: bool, allow_pickle: bool,
                  stream: bool | None, device, progress: bool) -> str:
     """Convert every row of `todo` in one layer walk; sets each row's 'manifest' or 'error'. Returns the model label."""
-    from fptq_onnx.conversion import Conversion, ParityReference, parity_text_ids, write_manifest
+    from fptq_onnx.conversion import Conversion, ParityReference, parity_text_ids, write_manifests
     from fptq_onnx.convert import ConvertOptions, graph_structure, open_source
     from fptq_onnx.devices import resolve_device
     from fptq_onnx.layer_walk import MethodRun, walk
@@ -66,7 +66,7 @@ def build_models(model_arg, todo: list[dict], calibration: CalibrationConfig, ve
         for row in todo:
             row["path"].parent.mkdir(exist_ok=True)
             stage = stack.enter_context(staged_outputs(row["path"].parent))
-            reference = ParityReference(source, parity_text_ids(source.tokenizer), row["fmt"] == "native") if verify else None
+            reference = ParityReference(source, parity_text_ids(source.tokenizer), [row["fmt"]]) if verify else None
             row["conversion"] = Conversion(structure, {row["fmt"]: row["path"]}, stage, reference)
             row["stage"] = stage
             module = FLOAT_ROW if row["spec"].is_float else row["module"]
@@ -85,9 +85,9 @@ def build_models(model_arg, todo: list[dict], calibration: CalibrationConfig, ve
                 write_sidecars(source.skeleton, source.tokenizer, row["stage"], row["path"].parent)
                 parity = conversion.check(source, 3.0).get(row["fmt"])
                 if not row["spec"].is_float:
-                    row["manifest"] = write_manifest(run.plan, row["fmt"], row["path"], row["stage"], {
+                    row["manifest"] = write_manifests(run.plan, {row["fmt"]: row["path"]}, row["stage"], {row["fmt"]: {
                         "model": source.label, "architecture": source.spec.name, "device": str(device),
-                        "streamed": stream, "parity": None if parity is None else parity.__dict__})
+                        "streamed": stream, "parity": None if parity is None else parity.__dict__}})[row["fmt"]]
             except FptqError as exc:
                 conversion.close()
                 conversion.discard()

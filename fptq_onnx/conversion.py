@@ -25,7 +25,7 @@ import torch
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.fakequant import apply_plan
-from fptq_onnx.formats import FORMATS, run_passes
+from fptq_onnx.formats import ALL_FORMATS, run_passes
 from fptq_onnx.layer_source import LayerSource, layer_output
 from fptq_onnx.layer_walk import to_device
 from fptq_onnx.passes.stamp_decisions import StampDecisionsPass
@@ -34,11 +34,11 @@ from fptq_onnx.report import say, step
 from fptq_onnx.saving import data_file_name
 from fptq_onnx.stream_export import ExternalDataWriter, check_complete, zero_weight
 
-FORMAT_ACTIVATIONS = {
-    "qdq": "as planned: explicit int8 Q/DQ (static per-tensor or per-token)",
-    "w4a8": "as planned, inside fptq.W4A8MatMul (static per-tensor or per-token int8)",
-    "native": "ONNX Runtime MatMulNBits accuracy_level 4: per-K-block dynamic int8 (planned activation modes not used)",
-    "fp32": "float",
+# Format.check -> (reference stream, fp64 stream for the noise floor, fixed tolerance, metric); see formats.Format.
+CHECKS = {
+    "noise": ("fq32", "fq64", None, "noise"),
+    "weights": ("wo32", None, None, "max"),
+    "float": ("fq32", None, 1e-3, "max"),
 }
 
 
@@ -73,21 +73,14 @@ def fill_layer(graph: ir.Graph, prefix: str, layer: torch.nn.Module, plan: Quant
             value.const_value = ir.tensor(weight, name=f"{full}.weight")
 
 
-def layer_passes(fmt: str, plan: QuantPlan) -> list[ir.passes.PassBase]:
-    """The format's passes (formats.FORMATS) for one layer's plan, without the stamping."""
-    if fmt == "fp32":
-        return []
-    return [p for p in FORMATS[fmt](plan) if not isinstance(p, StampDecisionsPass)]
-
-
 class ParityReference:
     """The parity prompt's hidden states through each layer's fake-quant copies (see the module doc)."""
 
-    def __init__(self, source: LayerSource, ids: np.ndarray, weight_only: bool) -> None:
+    def __init__(self, source: LayerSource, ids: np.ndarray, formats) -> None:
         self.ids = ids
         hidden, self.kwargs = source.capture(torch.from_numpy(ids))
         self.streams = {"fq32": hidden.float(), "fq64": hidden.double()}
-        if weight_only:
+        if any(ALL_FORMATS[fmt].check == "weights" for fmt in formats):
             self.streams["wo32"] = hidden.float()
 
     def layer(self, index: int, prefix: str, layer: torch.nn.Module, plan: QuantPlan) -> None:
@@ -152,7 +145,7 @@ class Conversion:
     def layer(self, index: int, prefix: str, layer: torch.nn.Module, plan: QuantPlan, kwargs: dict) -> None:
         for fmt, graph in self.graphs.items():
             fill_layer(graph.graph, prefix, layer, plan)
-            run_passes(graph, layer_passes(fmt, plan))
+            run_passes(graph, ALL_FORMATS[fmt].passes(plan))
             self.writers[fmt].spill(graph.graph)
         if self.reference is not None:
             self.reference.layer(index, prefix, layer, plan)
@@ -162,7 +155,7 @@ class Conversion:
         try:
             for fmt, graph in self.graphs.items():
                 self.writers[fmt].spill(graph.graph)
-                stamps = [] if fmt == "fp32" else [StampDecisionsPass(plan, fmt)]
+                stamps = [StampDecisionsPass(plan, fmt)] if ALL_FORMATS[fmt].stamp else []
                 run_passes(graph, [*stamps, ir.passes.common.TopologicalSortPass()])
                 check_complete(graph.graph)
                 ir.save(graph, self.staged[fmt])
@@ -187,13 +180,10 @@ class Conversion:
         logits = self.reference.logits(source)
         out = {}
         for fmt, path in self.staged.items():
-            explicit = fmt not in ("native", "fp32")
+            ref, ref64, fixed, metric = CHECKS[ALL_FORMATS[fmt].check]
             with step(f"checking parity of {self.paths[fmt].name} (torch vs ONNX Runtime, prefill + decode)"):
-                out[fmt] = parity_from_logits(
-                    logits["fq32"] if explicit or fmt == "fp32" else logits["wo32"],
-                    logits["fq64"] if explicit else None, path, self.reference.ids,
-                    tolerance if explicit else (1e-3 if fmt == "fp32" else None),
-                    "noise" if explicit else "max")
+                out[fmt] = parity_from_logits(logits[ref], logits.get(ref64), path, self.reference.ids,
+                                              tolerance if metric == "noise" else fixed, metric)
                 say(f"  {out[fmt].describe()}")
         return out
 
@@ -202,11 +192,21 @@ class Conversion:
         return staged.stat().st_size + staged.with_name(data_file_name(self.paths[fmt])).stat().st_size
 
 
-def write_manifest(plan: QuantPlan, fmt: str, path: Path, stage, extra: dict) -> dict:
-    """The plan's manifest (and range plot) for one format, staged."""
+def write_manifests(plan: QuantPlan, paths: dict[str, Path], stage, extra: dict[str, dict]) -> dict[str, dict]:
+    """The plan's manifest per format, and its range plot (drawn once: it shows the plan, not the format), staged."""
+    import shutil
+
     from fptq_onnx.plot import plot_ranges
 
-    manifest = plan.manifest(format=fmt, runtime_activations=FORMAT_ACTIVATIONS[fmt], **extra)
-    stage(manifest_path(path).name).write_text(to_json(manifest))
-    plot_ranges(manifest, stage(path.stem + ".ranges.png"))
-    return manifest
+    manifests, plot = {}, None
+    for fmt, path in paths.items():
+        manifest = plan.manifest(format=fmt, runtime_activations=ALL_FORMATS[fmt].activations, **extra[fmt])
+        stage(manifest_path(path).name).write_text(to_json(manifest))
+        png = stage(path.stem + ".ranges.png")
+        if plot is None:
+            plot_ranges(manifest, png)
+            plot = png
+        else:
+            shutil.copyfile(plot, png)
+        manifests[fmt] = manifest
+    return manifests

@@ -18,7 +18,7 @@ import torch
 
 from fptq_onnx import algorithms
 from fptq_onnx.calibration import CalibrationConfig, calibration_tokens, resolve_source
-from fptq_onnx.conversion import Conversion, ParityReference, output_paths, parity_text_ids, write_manifest
+from fptq_onnx.conversion import Conversion, ParityReference, output_paths, parity_text_ids, write_manifests
 from fptq_onnx.devices import resolve_device
 from fptq_onnx.errors import FptqError
 from fptq_onnx.layer_source import CheckpointLayers, LayerSource, ModelLayers
@@ -108,7 +108,7 @@ def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -
     with staged_outputs(out.parent) as stage:
         reference = None
         if options.verify:
-            reference = ParityReference(source, parity_text_ids(source.tokenizer), "native" in paths)
+            reference = ParityReference(source, parity_text_ids(source.tokenizer), paths)
         conversion = Conversion(structure, paths, stage, reference)
         run = MethodRun(algorithm, config, [conversion], keep_weights=False)
         try:
@@ -123,17 +123,18 @@ def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -
             conversion.close()
         del structure
         parity = conversion.check(source, options.tolerance)
-        results = {}
-        for fmt, path in paths.items():
-            extra = {"recipe": options.recipe, "model": source.label, "architecture": source.spec.name,
-                     "device": str(device), "streamed": stream,
-                     "parity": parity[fmt].__dict__ if fmt in parity else None}
+        extra = {}
+        for fmt in paths:
+            extra[fmt] = {"recipe": options.recipe, "model": source.label, "architecture": source.spec.name,
+                          "device": str(device), "streamed": stream,
+                          "parity": parity[fmt].__dict__ if fmt in parity else None}
             if options.ppl_windows > 0:
-                extra["quick_perplexity"] = quick_perplexity(conversion.staged[fmt], source, options)
-            results[fmt] = write_manifest(run.plan, fmt, path, stage, extra)
+                extra[fmt]["quick_perplexity"] = quick_perplexity(conversion.staged[fmt], source, options)
+        results = write_manifests(run.plan, paths, stage, extra)
     for fmt, path in paths.items():
         say(f"  wrote {path} (+ {path.name}.data), {path.stem}.manifest.json, {path.stem}.ranges.png")
-    say(f"converted in {time.perf_counter() - start:.0f} s, peak RSS {peak_rss_mb():.0f} MB")
+    gpu = f", peak GPU memory {torch.cuda.max_memory_allocated(device) / 2**20:.0f} MB" if device.type == "cuda" else ""
+    say(f"converted in {time.perf_counter() - start:.0f} s, peak RSS {peak_rss_mb():.0f} MB{gpu}")
     return results
 
 

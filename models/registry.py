@@ -1,12 +1,11 @@
-"""Declarative architecture table.
+"""Declarative architecture table: one entry per architecture, looked up by the config's model_type.
 
-Names are regular expressions over module names *inside one decoder layer*
-(llm-compressor style mappings), so one entry covers every layer.
+Names are module names *inside one decoder layer* (llm-compressor style mappings), so one
+entry covers every layer.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 
 from fptq_onnx.errors import FptqError
@@ -44,8 +43,6 @@ class ArchSpec:
     layers_path: str
     groups: tuple[EqualizationGroup, ...]
     pairs: tuple[LinearPair, ...]
-    # Linears that are never quantized (their input is the final norm; the paper keeps them float).
-    keep_float: tuple[str, ...] = ("lm_head",)
     # The norms of `groups` compute x_hat * (norm_offset + w): Gemma's RMSNorm stores w with 1 subtracted.
     norm_offset: float = 0.0
     io_inputs: tuple[str, ...] = ("input_ids", "attention_mask", "position_ids")
@@ -139,9 +136,3 @@ def spec_for(model_type: str) -> ArchSpec:
 
 def layer_prefix(spec: ArchSpec, layer: int) -> str:
     return f"{spec.layers_path}.{layer}."
-
-
-def split_layer_name(spec: ArchSpec, module_name: str) -> tuple[int, str] | None:
-    """'model.layers.3.mlp.up_proj' -> (3, 'mlp.up_proj'); None outside the decoder layers."""
-    match = re.fullmatch(re.escape(spec.layers_path) + r"\.(\d+)\.(.+)", module_name)
-    return (int(match.group(1)), match.group(2)) if match else None

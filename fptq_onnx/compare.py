@@ -83,7 +83,7 @@ def build_models(model_arg, todo: list[dict], calibration: CalibrationConfig, ve
                     raise FptqError(run.error)
                 conversion.save(run.plan)
                 write_sidecars(source.skeleton, source.tokenizer, row["stage"], row["path"].parent)
-                parity = conversion.check(source, 3.0).get(row["fmt"])
+                parity = conversion.check(source, 3.0, run.plan).get(row["fmt"])
                 if not row["spec"].is_float:
                     row["manifest"] = write_manifests(run.plan, {row["fmt"]: row["path"]}, row["stage"], {row["fmt"]: {
                         "model": source.label, "architecture": source.spec.name, "device": str(device),
@@ -161,7 +161,9 @@ def compare_command(
     for i, row in enumerate(table, 1):
         spec, path, fmt = row["spec"], row["path"], row["fmt"]
         label = spec.label
-        say(f"[{i}/{len(table)}] {spec.text} -> {path} ({fmt}{', reused' if not row['built'] else ''})")
+        say(f"[{i}/{len(table)}] {spec.text} -> {path} ({fmt})")
+        if not row["built"]:
+            say("  reusing the existing " + ("float export" if spec.is_float else "converted model (manifest matches)"))
         entry: dict = {"spec": spec.text, "method": spec.name, "options": spec.options, "format": fmt, "path": str(path),
                        "config": None if row["config"] is None else _jsonable(dataclasses.asdict(row["config"]))}
         method_start = time.perf_counter()

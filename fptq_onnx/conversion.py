@@ -17,6 +17,7 @@ The same code serves the in-memory and the streamed source, so both give identic
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -24,14 +25,15 @@ import onnx_ir as ir
 import torch
 
 from fptq_onnx.errors import FptqError
-from fptq_onnx.fakequant import apply_plan
+from fptq_onnx.fakequant import apply_plan, fake_quant_per_token
 from fptq_onnx.formats import ALL_FORMATS, run_passes
 from fptq_onnx.layer_source import LayerSource, layer_output
 from fptq_onnx.layer_walk import to_device
 from fptq_onnx.passes.stamp_decisions import StampDecisionsPass
-from fptq_onnx.plan import QuantPlan, manifest_path, to_json
+from fptq_onnx.passes.quantize_lm_head import LM_HEAD
+from fptq_onnx.plan import ActMode, EmbeddingPlan, QuantPlan, manifest_path, to_json
 from fptq_onnx.report import say, step
-from fptq_onnx.saving import data_file_name
+from fptq_onnx.saving import data_file_name, pause_point
 from fptq_onnx.stream_export import ExternalDataWriter, check_complete, zero_weight
 
 # Format.check -> (reference stream, fp64 stream for the noise floor, fixed tolerance, metric); see formats.Format.
@@ -76,9 +78,11 @@ def fill_layer(graph: ir.Graph, prefix: str, layer: torch.nn.Module, plan: Quant
 class ParityReference:
     """The parity prompt's hidden states through each layer's fake-quant copies (see the module doc)."""
 
-    def __init__(self, source: LayerSource, ids: np.ndarray, formats) -> None:
+    def __init__(self, source: LayerSource, ids: np.ndarray, formats, embedding: EmbeddingPlan | None = None) -> None:
         self.ids = ids
-        hidden, self.kwargs = source.capture(torch.from_numpy(ids))
+        self.norm_offset = source.spec.norm_offset
+        with _embedding_swapped(source.skeleton, embedding):
+            hidden, self.kwargs = source.capture(torch.from_numpy(ids))
         self.streams = {"fq32": hidden.float(), "fq64": hidden.double()}
         if any(ALL_FORMATS[fmt].check == "weights" for fmt in formats):
             self.streams["wo32"] = hidden.float()
@@ -93,15 +97,38 @@ class ParityReference:
                 out = layer_output(module(x, **to_device(kwargs, device, dtype)))
             self.streams[key] = out.cpu()
 
-        fake = apply_plan(layer, plan, activations=True, prefix=prefix)
+        fake = apply_plan(layer, plan, activations=True, prefix=prefix, norm_offset=self.norm_offset)
         run(fake, "fq32", torch.float32)
         run(fake.double(), "fq64", torch.float64)
         del fake
         if "wo32" in self.streams:
-            run(apply_plan(layer, plan, activations=False, prefix=prefix), "wo32", torch.float32)
+            run(apply_plan(layer, plan, activations=False, prefix=prefix, norm_offset=self.norm_offset), "wo32",
+                torch.float32)
 
-    def logits(self, source: LayerSource) -> dict[str, np.ndarray]:
-        return {key: source.head_logits(value).numpy() for key, value in self.streams.items()}
+    def logits(self, source: LayerSource, plan: QuantPlan) -> dict[str, np.ndarray]:
+        """Final norm and lm_head (fake-quantized like the graph's when the plan has one)."""
+        head = plan.linears.get(LM_HEAD)
+        out = {}
+        for key, value in self.streams.items():
+            weight = None if head is None else torch.from_numpy(head.weight.dequantize().T.copy())
+            per_token = head is not None and head.act_mode == ActMode.PER_TOKEN and not key.startswith("wo")
+            out[key] = source.head_logits(value, weight, fake_quant_per_token if per_token else None).numpy()
+        return out
+
+
+@contextlib.contextmanager
+def _embedding_swapped(model: torch.nn.Module, embedding: EmbeddingPlan | None):
+    """The model's input embedding temporarily holds the plan's dequantized int8 rows."""
+    if embedding is None:
+        yield
+        return
+    module = model.get_submodule(embedding.name)
+    original = module.weight
+    module.weight = torch.nn.Parameter(torch.from_numpy(embedding.weight.dequantize().T.copy()), requires_grad=False)
+    try:
+        yield
+    finally:
+        module.weight = original
 
 
 def parity_from_logits(ref32: np.ndarray, ref64: np.ndarray | None, path: Path, ids: np.ndarray,
@@ -151,14 +178,21 @@ class Conversion:
             self.reference.layer(index, prefix, layer, plan)
 
     def save(self, plan: QuantPlan) -> None:
-        """Spill what is left (embeddings, head), stamp decisions and save each graph proto."""
+        """The lm_head's passes (--quantize-lm-head), spill what is left (embeddings, head), stamp, save each proto."""
+        head = None
+        if LM_HEAD in plan.linears:
+            head = QuantPlan(plan.method, plan.config, plan.calibration, {LM_HEAD: plan.linears[LM_HEAD]},
+                             embedding=plan.embedding)
         try:
             for fmt, graph in self.graphs.items():
+                if head is not None:
+                    run_passes(graph, ALL_FORMATS[fmt].passes(head))
                 self.writers[fmt].spill(graph.graph)
                 stamps = [StampDecisionsPass(plan, fmt)] if ALL_FORMATS[fmt].stamp else []
                 run_passes(graph, [*stamps, ir.passes.common.TopologicalSortPass()])
                 check_complete(graph.graph)
                 ir.save(graph, self.staged[fmt])
+                pause_point("staged")
         finally:
             self.close()
         del self.graphs
@@ -173,11 +207,11 @@ class Conversion:
         for writer in self.writers.values():
             writer.close()
 
-    def check(self, source: LayerSource, tolerance: float) -> dict:
+    def check(self, source: LayerSource, tolerance: float, plan: QuantPlan) -> dict:
         """Parity of every staged file against the streamed torch reference: {format: Parity}."""
         if self.reference is None:
             return {}
-        logits = self.reference.logits(source)
+        logits = self.reference.logits(source, plan)
         out = {}
         for fmt, path in self.staged.items():
             ref, ref64, fixed, metric = CHECKS[ALL_FORMATS[fmt].check]

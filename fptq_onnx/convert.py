@@ -78,17 +78,43 @@ def open_source(model_arg: str | None, stream: bool, allow_pickle: bool, calibra
     return layers
 
 
+def traced_graph_cache(config) -> Path:
+    """Where the traced graph of a model config lives: the user cache, keyed by everything the trace depends on
+    (the config, torch / transformers / onnxscript / onnx-ir versions, and our export code)."""
+    import hashlib
+
+    import onnx_ir
+    import onnxscript
+    import transformers
+
+    from fptq_onnx import export, sources, stream_export
+
+    key = hashlib.sha256()
+    for part in (config.to_json_string(use_diff=False), torch.__version__, transformers.__version__,
+                 onnxscript.__version__, onnx_ir.__version__):
+        key.update(part.encode())
+    for module in (export, stream_export):
+        key.update(Path(module.__file__).read_bytes())
+    return sources.cache_dir() / "graphs" / f"{config.model_type}-{key.hexdigest()[:24]}.onnx"
+
+
 def graph_structure(source: LayerSource):
-    """The canonical float graph with placeholder decoder-linear weights (stream_export.export_structure)."""
+    """The canonical float graph with placeholder decoder-linear weights (stream_export.export_structure).
+
+    The dynamo trace is cached per model config (traced_graph_cache): a model converts without
+    re-tracing from its second conversion on.
+    """
     from transformers import AutoModelForCausalLM
 
     from fptq_onnx.stream_export import export_structure
 
     linear_names = {source.prefix(i) + name for i in range(source.num_layers) for name in source.spec.linears()}
-    with step("exporting the graph structure (meta device, no weights)"):
+    cache = traced_graph_cache(source.config)
+    what = "cached trace" if cache.is_file() else "tracing on the meta device, no weights"
+    with step(f"exporting the graph structure ({what})"):
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(source.config, dtype=torch.float32).eval()
-        return export_structure(meta, source.spec, source.value, linear_names)
+        return export_structure(meta, source.spec, source.value, linear_names, cache)
 
 
 def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -> dict[str, dict]:
@@ -105,16 +131,24 @@ def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -
     source = open_source(model_arg, stream, options.allow_pickle, calib, len(paths), max_memory)
     tokens = calibration_tokens(calib, source.tokenizer, source.config.vocab_size)
     structure = graph_structure(source)
+    embedding = None
+    if options.quantize_lm_head:
+        from fptq_onnx.algorithms.lm_head import add_lm_head, tied_embedding
+
+        embedding = tied_embedding(source.skeleton)
     with staged_outputs(out.parent) as stage:
         reference = None
         if options.verify:
-            reference = ParityReference(source, parity_text_ids(source.tokenizer), paths)
+            reference = ParityReference(source, parity_text_ids(source.tokenizer), paths, embedding)
         conversion = Conversion(structure, paths, stage, reference)
         run = MethodRun(algorithm, config, [conversion], keep_weights=False)
         try:
             with step(f"walking the layers ({options.method}, {calib.source} {tokens.shape[0]} x {tokens.shape[1]} "
                       f"tokens, {device})"):
-                walk(source, [run], tokens, calib, device, options.progress)
+                final = walk(source, [run], tokens, calib, device, options.progress)
+            if options.quantize_lm_head:
+                add_lm_head(run.plan, source.skeleton, final, embedding)
+            del final
             say(f"  decisions: {run.plan.counts()}")
             with step("saving"):
                 conversion.save(run.plan)
@@ -122,7 +156,7 @@ def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -
         finally:
             conversion.close()
         del structure
-        parity = conversion.check(source, options.tolerance)
+        parity = conversion.check(source, options.tolerance, run.plan)
         extra = {}
         for fmt in paths:
             extra[fmt] = {"recipe": options.recipe, "model": source.label, "architecture": source.spec.name,

@@ -139,12 +139,18 @@ class LayerSource:
             raise FptqError("the calibration forward never reached every decoder layer")
         return torch.cat(hidden, dim=0), kwargs  # type: ignore[return-value]
 
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final norm and lm_head on the last decoder layer's output (in hidden's dtype)."""
+    def head_logits(self, hidden: torch.Tensor, weight: torch.Tensor | None = None, quantize=None) -> torch.Tensor:
+        """Final norm, lm_head (and Gemma's final logit softcapping) on the last decoder layer's output.
+
+        In hidden's dtype; `weight` replaces the lm_head's (a quantized one), `quantize` rounds its input.
+        """
         norm = copy.deepcopy(self.skeleton.get_decoder().norm).to(hidden.dtype)
-        weight = self.skeleton.get_output_embeddings().weight
+        weight = self.skeleton.get_output_embeddings().weight if weight is None else weight
         with torch.no_grad():
-            return torch.nn.functional.linear(norm(hidden), weight.to(hidden.dtype))
+            x = norm(hidden)
+            logits = torch.nn.functional.linear(x if quantize is None else quantize(x), weight.to(hidden.dtype))
+            cap = getattr(self.config, "final_logit_softcapping", None)
+            return logits if not cap else torch.tanh(logits / cap) * cap
 
 
 class ModelLayers(LayerSource):

@@ -199,7 +199,7 @@ def _layer(run: MethodRun, ctx: LayerContext, layer: torch.nn.Module, kwargs: di
 
         weights, run.quantized = gptq_layer(
             copy.deepcopy(layer), ctx.prefix, ctx.reader_groups(), layer_plan.equalizations,
-            lambda work, keep, x=run.quantized: forward_all(work, x, kwargs, keep), settings)
+            lambda work, keep, x=run.quantized: forward_all(work, x, kwargs, keep), settings, ctx.spec.norm_offset)
         for name, qw in weights.items():
             layer_plan.linears[name].weight = qw
     if layer_plan.linears and set(layer_plan.linears) != set(ctx.linears):

@@ -29,6 +29,7 @@ memory. Saving then writes only the (small) graph proto.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -47,7 +48,7 @@ _WRAPPER_PREFIX = "lm."
 
 def placeholder(name: str, shape: tuple[int, ...], dtype: ir.DataType = ir.DataType.FLOAT) -> ir.ExternalTensor:
     """A tensor with a shape and dtype but no data (reading it fails loudly)."""
-    length = int(np.prod(shape)) * dtype.itemsize
+    length = int(int(np.prod(shape)) * dtype.itemsize)
     return ir.ExternalTensor(f"{PLACEHOLDER}/{name}", 0, length, dtype, shape=ir.Shape(shape), name=name,
                              base_dir=os.devnull)
 
@@ -67,24 +68,39 @@ def zero_weight(shape: tuple[int, ...]) -> ir.Tensor:
 
 
 def export_structure(skeleton: torch.nn.Module, spec: ArchSpec, values: Callable[[str], np.ndarray],
-                     linear_names: set[str]) -> ir.Model:
+                     linear_names: set[str], cache: Path | None = None) -> ir.Model:
     """The canonical float graph of a meta-device model; see the module docstring.
 
     values(param_or_buffer_name) -> real array for every non-linear initializer;
     linear_names: the decoder linears (module names), whose weights stay placeholders.
+    cache: a file for the traced graph (trace_structure's output, every initializer a
+    placeholder): read when it exists, written when not, so a model is traced once (the
+    dynamo trace is most of a small model's conversion time); what follows runs every time.
     """
-    import onnxscript.optimizer
+    if cache is not None and cache.is_file():
+        model = ir.load(cache)
+    else:
+        model = trace_structure(skeleton, spec)
+        if cache is not None:
+            _save_traced(model, cache)
+    return finish_structure(model, skeleton, spec, values, linear_names)
+
+
+def _save_traced(model: ir.Model, path: Path) -> None:
+    """The traced graph with every initializer as a placeholder (no data), written atomically."""
+    for name, value in model.graph.initializers.items():
+        value.const_value = placeholder(name, tuple(int(d) for d in value.shape), value.dtype)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    ir.save(model, tmp)
+    os.replace(tmp, path)
+
+
+def trace_structure(skeleton: torch.nn.Module, spec: ArchSpec) -> ir.Model:
+    """torch.onnx.export (dynamo) of the meta-device model, unoptimized, initializers without values."""
     from torch.export import Dim
 
-    from fptq_onnx.export import (
-        OPSET,
-        KVCacheWrapper,
-        _eager_attention,
-        _name_dims,
-        _quiet_loggers,
-        canonicalize,
-        example_inputs,
-    )
+    from fptq_onnx.export import OPSET, KVCacheWrapper, _eager_attention, _quiet_loggers, example_inputs
 
     config = skeleton.config
     layers = config.num_hidden_layers
@@ -107,7 +123,17 @@ def export_structure(skeleton: torch.nn.Module, spec: ArchSpec, values: Callable
             )
         except Exception as exc:  # the exporter raises many types; the user needs one line
             raise FptqError(f"torch.onnx.export failed for {config.model_type}: {str(exc).splitlines()[0]}") from exc
-    model = program.model
+    return program.model
+
+
+def finish_structure(model: ir.Model, skeleton: torch.nn.Module, spec: ArchSpec, values: Callable[[str], np.ndarray],
+                     linear_names: set[str]) -> ir.Model:
+    """Values (or placeholders) into the traced graph, the exporter's optimizer, canonical names."""
+    import onnxscript.optimizer
+
+    from fptq_onnx.export import _name_dims, canonicalize
+
+    layers = skeleton.config.num_hidden_layers
     weights = {f"{name}.weight" for name in linear_names}
     for name, value in model.graph.initializers.items():
         key = name[len(_WRAPPER_PREFIX):] if name.startswith(_WRAPPER_PREFIX) else name
@@ -137,12 +163,37 @@ def export_structure(skeleton: torch.nn.Module, spec: ArchSpec, values: Callable
 
     canonicalize(model, skeleton, spec, weight_of)
     _name_dims(model, spec, layers)
+    _stable_names(model.graph)
     model.producer_name = "fptq-onnx"
     leftover = [n for n, v in model.graph.initializers.items() if is_placeholder(v.const_value) and n not in weights]
     if leftover:
         raise FptqError(f"streaming export kept a weight outside the decoder linears ({leftover[0]}); "
                         "architecture not supported by --stream")
     return model
+
+
+_GENERATED_NODE = re.compile(r"node_[A-Za-z0-9]+_\d+")
+_GENERATED_VALUE = re.compile(r"val_\d+")
+
+
+def _stable_names(graph: ir.Graph) -> None:
+    """Names the exporter and its optimizer generate from process-wide counters, renumbered in graph order.
+
+    So a graph finished from the cached trace is byte-identical to one finished right after tracing.
+    """
+    values = 0
+    for name in [n for n in graph.initializers if _GENERATED_VALUE.fullmatch(n)]:  # the optimizer's constants
+        value = graph.initializers.pop(name)
+        value.name = f"fptq_v{values}"
+        values += 1
+        graph.register_initializer(value)
+    for index, node in enumerate(graph):
+        if node.name and _GENERATED_NODE.fullmatch(node.name):
+            node.name = f"fptq_n{index}_{node.op_type}"
+        for value in node.outputs:
+            if value.name and _GENERATED_VALUE.fullmatch(value.name):
+                value.name = f"fptq_v{values}"
+                values += 1
 
 
 class ExternalDataWriter:

@@ -158,7 +158,7 @@ def test_fold_keeps_the_float_function_torch(arch, tiny_models):
     equalizations = _equalizations(model, spec)
     plan = QuantPlan(method="fold-test", config={}, calibration={})
     plan.equalizations = equalizations
-    folded = apply_plan(model, spec, plan, activations=False)
+    folded = apply_plan(model, plan, activations=False, norm_offset=spec.norm_offset)
     modules = dict(folded.named_modules())
     with torch.no_grad():
         for eq in equalizations:
@@ -193,7 +193,7 @@ def test_gptq_fold_keeps_the_float_function(arch, tiny_models):
     model = tiny_models[arch]
     spec = spec_for(model.config.model_type)
     folded = copy.deepcopy(model)
-    apply_equalizations_torch(folded, _equalizations(model, spec), spec.norm_offset)
+    apply_equalizations_torch(dict(folded.named_modules()), _equalizations(model, spec), spec.norm_offset)
     ids = parity_ids(model.config.vocab_size)
     assert np.abs(_torch_logits(folded, ids) - _torch_logits(model, ids)).max() < 1e-4
 

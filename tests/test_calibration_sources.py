@@ -123,9 +123,9 @@ def test_default_calibration_shares_no_64_token_span_with_evaluation_windows(dat
 
 
 @pytest.fixture(scope="module")
-def calibrated_on_corpus(cli, tiny_checkpoint, tiny_onnx, tmp_path_factory):
+def calibrated_on_corpus(cli, tiny_checkpoint, structure_cache, tmp_path_factory):
     """A tiny model converted with the default calibration from a data dir, and the text it read."""
-    import onnx_ir as ir
+    from conftest import cached_graph_structure
 
     from fptq_onnx import convert
 
@@ -134,7 +134,7 @@ def calibrated_on_corpus(cli, tiny_checkpoint, tiny_onnx, tmp_path_factory):
     corpus.write_text("".join(json.dumps({"text": line}) + "\n" for line in WIKI.splitlines()))
     out = root / "tiny.onnx"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(convert, "export_float", lambda model, spec: ir.load(tiny_onnx["llama"]))
+        mp.setattr(convert, "graph_structure", cached_graph_structure(structure_cache))
         result = cli("convert", tiny_checkpoint, out, "--format", "qdq", "--data-dir", root, "--calib-samples", "2",
                      "--calib-seqlen", "8", "--group-size", "16", "--ppl-windows", "0", "--no-verify")
     assert result.code == 0, result.stderr
@@ -168,7 +168,10 @@ def test_eval_of_other_text_is_not_marked(cli, calibrated_on_corpus, tmp_path):
 
 
 def test_compare_refuses_before_any_work_and_marks_when_allowed(data, tmp_path):
-    from fptq_onnx.compare import _check_overlap, compare_command, parse_method, render_table
+    from fptq_onnx.compare import compare_command
+    from fptq_onnx.compare_report import render_table
+    from fptq_onnx.compare_specs import check_overlap as _check_overlap
+    from fptq_onnx.compare_specs import parse_method
 
     calibration = CalibrationConfig(source="wikitext2", samples=2, seqlen=8, data_dir=str(data))
     with pytest.raises(FptqError, match="refusing to score perplexity on wikitext2"):

@@ -111,7 +111,7 @@ def test_compare_end_to_end_and_resume(tiny_checkpoint, tiny_data, tmp_path, cap
     compare_command(str(tiny_checkpoint), ["rtn"], ["wikitext2"], out,
                     **{**kwargs, "calibration": CalibrationConfig(source="random", samples=2, seqlen=32)})
     err = capsys.readouterr().err
-    assert ", reused)" not in err and "walking the layers once for rtn" in err
+    assert "reusing the existing converted model" not in err and "walking the layers once for rtn" in err
     assert list(json.loads((out / "results.json").read_text())["methods"]) == ["rtn"]
 
 def test_render_table_marks_failures():

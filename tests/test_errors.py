@@ -140,3 +140,19 @@ def test_quantize_groups_ragged_k_is_fine():
     w = np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
     qw = quantize_groups(w, 16, True)
     assert qw.scales.shape == (3, 8) and np.abs(qw.dequantize() - w).max() < np.abs(w).max() / 4
+
+
+def test_device_option(cli, tiny_checkpoint, tmp_path):
+    """--device cuda without a GPU is one error line; cpu is what the default resolves to here."""
+    import torch
+
+    from fptq_onnx.devices import resolve_device
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is present: the error path cannot be reached")
+    assert resolve_device(None) == resolve_device("cpu") == torch.device("cpu")
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    line = assert_user_error(cli("convert", tiny_checkpoint, out_dir / "m.onnx", "--device", "cuda", *CONVERT_ARGS),
+                             "--device cuda", out_dir)
+    assert "no CUDA GPU" in line

@@ -10,19 +10,18 @@ import json
 
 import onnx
 import pytest
-from test_cli import assert_user_error
 from test_convert import CONVERT_ARGS, FORMATS, _paths
 
 
 @pytest.fixture(scope="module")
-def converted(cli, tiny_checkpoint, tiny_onnx, tmp_path_factory):
-    import onnx_ir as ir
+def converted(cli, tiny_checkpoint, structure_cache, tmp_path_factory):
+    from conftest import cached_graph_structure
 
     from fptq_onnx import convert
 
     out = tmp_path_factory.mktemp("lm-head") / "tiny.onnx"
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(convert, "export_float", lambda model, spec: ir.load(tiny_onnx["llama"]))
+        mp.setattr(convert, "graph_structure", cached_graph_structure(structure_cache))
         result = cli("convert", tiny_checkpoint, out, "--format", ",".join(FORMATS), "--quantize-lm-head",
                      *CONVERT_ARGS)
     assert result.code == 0, result.stdout + result.stderr
@@ -69,6 +68,15 @@ def test_generate_on_w4a8_with_quantized_head(cli, converted):
     assert result.code == 0, result.stdout + result.stderr
 
 
-def test_refused_with_stream(cli, tiny_checkpoint, tmp_path):
-    result = cli("convert", tiny_checkpoint, tmp_path / "m.onnx", "--quantize-lm-head", "--stream", *CONVERT_ARGS)
-    assert_user_error(result, "--quantize-lm-head is not supported with --stream", tmp_path, {})
+def test_streamed_equals_in_memory(cli, tiny_checkpoint, fast_structure, converted, tmp_path):
+    """The lm_head and tied embedding are planned around the layer walk, so streaming them is the same code."""
+    out = tmp_path / "tiny.onnx"
+    result = cli("convert", tiny_checkpoint, out, "--format", ",".join(FORMATS), "--quantize-lm-head", "--stream",
+                 *CONVERT_ARGS)
+    assert result.code == 0, result.stderr
+    for fmt, path in _paths(out).items():
+        whole = _paths(converted)[fmt]
+        assert path.read_bytes() == whole.read_bytes(), fmt
+        data = path.name + ".data"
+        assert (path.parent / data).read_bytes() == (whole.parent / data).read_bytes(), fmt
+        assert _manifest(path)["linears"] == _manifest(whole)["linears"]

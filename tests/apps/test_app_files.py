@@ -32,13 +32,14 @@ CONFIGS = {
 
 
 @pytest.fixture(scope="module")
-def bundles(cli, make_tiny_checkpoint, tiny_onnx, tmp_path_factory) -> dict[str, Path]:
+def bundles(cli, make_tiny_checkpoint, tiny_onnx, structure_cache, tmp_path_factory) -> dict[str, Path]:
     """{"export": model.onnx (fp32), "convert": model.onnx (qdq) + model.w4a8.onnx + model.native.onnx}.
 
     The session's tiny export of the same weights stands in for torch.onnx.export (as in test_convert);
     the parity checks are other tests' business.
     """
     import onnx_ir as ir
+    from conftest import cached_graph_structure
 
     from fptq_onnx import convert, pipeline
 
@@ -47,7 +48,7 @@ def bundles(cli, make_tiny_checkpoint, tiny_onnx, tmp_path_factory) -> dict[str,
     cached = tiny_onnx[ARCH]
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(pipeline, "export_float", lambda model, spec: ir.load(cached))
-        mp.setattr(convert, "export_float", lambda model, spec: ir.load(cached))
+        mp.setattr(convert, "graph_structure", cached_graph_structure(structure_cache))
         results = [
             cli("export", checkpoint, dirs["export"] / "model.onnx", "--no-verify"),
             cli("convert", checkpoint, dirs["convert"] / "model.onnx", "--format", "qdq,w4a8,native", "--no-verify",

@@ -451,7 +451,7 @@ def test_local_file_rows_are_checked_against_the_detected_schema(tmp_path: Path)
 
 
 def test_table_columns_come_from_the_registry(tmp_path: Path) -> None:
-    from fptq_onnx.compare import table_columns
+    from fptq_onnx.compare_report import table_columns
     from fptq_onnx.evaluation import is_perplexity_task
 
     mine = write_jsonl(tmp_path / "mine.jsonl", MC)

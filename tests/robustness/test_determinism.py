@@ -4,11 +4,10 @@ Every method converts the tiny checkpoint twice, in two interpreters with differ
 hash seeds (this test process and a subprocess with another PYTHONHASHSEED), so any
 output that depends on set/dict iteration order of strings, on a timestamp or on
 a temporary path shows up as a difference; every file of the two output dirs is
-compared by hash. Methods that stream (streaming.STREAMABLE_METHODS) are compared
-streamed too.
+compared by hash. Every method is compared streamed too (one pipeline, two sources:
+test_streaming.py shows the two give the same bytes).
 
-Documented volatile keys, excluded from the comparison: the streamed manifest's
-`streaming.peak_rss_mb` (that run's measured peak memory). Nothing else is excluded.
+Nothing is excluded from the comparison (no manifest key depends on the run).
 fptq in memory (all three formats) is the fast case; the other methods are slow.
 """
 
@@ -24,9 +23,7 @@ import pytest
 
 from conftest import cli_executable
 from fptq_onnx import algorithms
-from fptq_onnx.streaming import STREAMABLE_METHODS
-
-VOLATILE_MANIFEST_KEYS = {("streaming", "peak_rss_mb")}
+VOLATILE_MANIFEST_KEYS: set[tuple[str, str]] = set()
 FAST = ["--calib", "random", "--calib-samples", "4", "--calib-seqlen", "32", "--ppl-windows", "0", "--seed", "3"]
 FORMATS = {"ort-acc4": "native"}  # ORT's own W4A8 exists only as MatMulNBits
 
@@ -66,8 +63,7 @@ def _cases():
     for method in algorithms.ALGORITHMS:
         fast = method == "fptq"
         yield pytest.param(method, "memory", id=f"{method}-memory", marks=() if fast else pytest.mark.slow)
-        if method in STREAMABLE_METHODS:
-            yield pytest.param(method, "stream", id=f"{method}-stream", marks=pytest.mark.slow)
+        yield pytest.param(method, "stream", id=f"{method}-stream", marks=pytest.mark.slow)
 
 
 @pytest.mark.parametrize("method,mode", list(_cases()))
@@ -80,11 +76,11 @@ def test_convert_is_byte_identical_across_runs(cli, tiny_checkpoint, tmp_path, m
     assert first == second
     assert "m.onnx" in first and any(name.endswith(".manifest.json") for name in first)
     if mode == "stream":
-        assert "m.onnx.data" in first, "streaming always writes external data"
+        assert "m.onnx.data" in first, "the layer walk always writes external data"
 
 
 def test_external_data_save_is_byte_identical(tiny_onnx, tmp_path):
-    """The in-memory path's external-data writer (used above 512 MB, so not by the tiny converts)."""
+    """`export`'s external-data writer (used above 512 MB, so not by the tiny exports)."""
     import onnx_ir as ir
 
     from fptq_onnx.saving import save_model

@@ -8,8 +8,7 @@ hooks are saving.pause_point's FPTQ_TEST_PAUSE_AT. SIGINT must leave nothing (or
 inside the commit, which it is held off from, the complete new output); SIGKILL
 must leave only a `.fptq-partial-<pid>-*` staging dir, which the next run removes
 (or, when the commit had begun, finishes). What a killed run had staged is compared
-byte for byte with what the next run writes. Streamed manifests are not compared:
-they record the run's peak RSS (`streaming.peak_rss_mb`), see test_determinism.py.
+byte for byte with what the next run writes.
 """
 
 from __future__ import annotations
@@ -47,7 +46,7 @@ def _model_files(directory: Path) -> dict[str, str]:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, pytest.param(signal.SIGINT, marks=pytest.mark.slow)],
                          ids=["SIGKILL", "SIGINT"])
 def test_interrupt_during_calibration_leaves_nothing(tiny_checkpoint, tmp_path, sig):
-    run = run_until(["convert", tiny_checkpoint, tmp_path / "m.onnx", *SLOW_CALIBRATION], "• calibrating", sig)
+    run = run_until(["convert", tiny_checkpoint, tmp_path / "m.onnx", *SLOW_CALIBRATION], "• walking the layers", sig)
     assert run.code == (130 if sig == signal.SIGINT else -sig), run.stderr
     assert "Traceback" not in run.stderr
     assert list(tmp_path.iterdir()) == []

@@ -116,8 +116,9 @@ def test_smollm2_gguf_in_package():
 
 
 def test_spec_for_unsupported_names_supported():
-    assert supported_model_types() == ["llama", "mistral", "qwen2", "qwen3"]
-    with pytest.raises(FptqError, match="unsupported architecture 'gpt2'; supported: llama, mistral, qwen2, qwen3"):
+    assert supported_model_types() == ["gemma2", "gemma3_text", "llama", "mistral", "phi3", "qwen2", "qwen3"]
+    with pytest.raises(FptqError, match="unsupported architecture 'gpt2'; supported: gemma2, gemma3_text, llama, "
+                                        "mistral, phi3, qwen2, qwen3"):
         spec_for("gpt2")
 
 

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import string
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
@@ -41,10 +41,8 @@ from fptq_onnx.errors import FptqError
 from fptq_onnx.evaluation.data import read_jsonl
 from fptq_onnx.evaluation.perplexity import Scorer
 from fptq_onnx.evaluation.scoring import encode_pair, score_requests
+from fptq_onnx.evaluation.spec import TaskSpec
 from fptq_onnx.evaluation.tasks import RunOptions, TaskResult, gold_in, items_bar
-
-if TYPE_CHECKING:
-    from fptq_onnx.evaluation.registry import TaskSpec
 
 LETTERS = string.ascii_uppercase
 OPTIONAL_FIELDS = {"subject": str}

@@ -11,38 +11,22 @@ layout is. ``compare`` reads its table columns from here.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.evaluation.data import (
     WIKITEXT2_FILE,
-    FieldSpec,
     data_file,
     describe_fields,
     first_row_fields,
     resolve_data_dir,
 )
 from fptq_onnx.evaluation.mmlu import run_mmlu
-from fptq_onnx.evaluation.tasks import TaskRunner, run_choice, run_cloze, run_corpus, run_partial
+from fptq_onnx.evaluation.spec import Schema, TaskSpec
+from fptq_onnx.evaluation.tasks import run_choice, run_cloze, run_corpus, run_partial
 
 
-@dataclass(frozen=True)
-class Schema:
-    """A row layout: its required fields, runner, and (result key, column suffix) metrics."""
-
-    name: str
-    fields: FieldSpec
-    run: TaskRunner
-    metrics: tuple[tuple[str, str], ...]
-    what: str  # for messages: what the schema scores
-
-    @property
-    def is_perplexity(self) -> bool:
-        return self.run is run_corpus
-
-
-CORPUS = Schema("corpus", {"text": str}, run_corpus, (("perplexity", "ppl"),), "perplexity")
+CORPUS = Schema("corpus", {"text": str}, run_corpus, (("perplexity", "ppl"),), "perplexity", is_perplexity=True)
 CHOICE = Schema("choice", {"query": str, "choices": list, "gold": int}, run_choice,
                 (("acc", "acc"), ("acc_norm", "acc_norm")), "multiple choice")
 MMLU = Schema("mmlu", {"question": str, "choices": list, "answer": int}, run_mmlu, (("acc", "acc"),),
@@ -53,23 +37,6 @@ PARTIAL = Schema("partial", {"context_options": list, "continuation": str, "gold
 
 SCHEMAS: tuple[Schema, ...] = (PARTIAL, CHOICE, MMLU, CLOZE, CORPUS)
 """Detection order: the first schema whose required fields a row has."""
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """One task: ``file`` is relative to the data dir (registered) or the user's path (local)."""
-
-    name: str
-    title: str
-    file: str
-    schema: Schema
-    windows: int | None = None  # corpus: windows scored by default (None = all)
-    joiner: str = "\n\n"  # corpus: how rows are joined before tokenizing
-
-    @property
-    def columns(self) -> list[tuple[str, str]]:
-        """(result key, table column title) of every metric shown for this task."""
-        return [(key, f"{self.title} {suffix}") for key, suffix in self.schema.metrics]
 
 
 TASKS: dict[str, TaskSpec] = {

@@ -28,7 +28,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -36,9 +36,7 @@ from tqdm.auto import tqdm
 from fptq_onnx.evaluation.data import read_jsonl
 from fptq_onnx.evaluation.perplexity import Scorer, perplexity_of_file
 from fptq_onnx.evaluation.scoring import encode_pair, score_requests
-
-if TYPE_CHECKING:
-    from fptq_onnx.evaluation.registry import TaskSpec
+from fptq_onnx.evaluation.spec import TaskSpec
 
 TaskResult = dict[str, Any]
 """Metric name -> value (float or int; MMLU adds a per-subject dict), always with ``"n"``."""
@@ -54,9 +52,6 @@ class RunOptions:
     max_length: int | None = None
     progress: bool = False
     num_fewshot: int = 0
-
-
-TaskRunner = Callable[[Scorer, Any, Path, "TaskSpec", RunOptions], TaskResult]
 
 
 def gold_in(options_field: str, gold_field: str = "gold") -> Callable[[dict[str, Any]], str | None]:

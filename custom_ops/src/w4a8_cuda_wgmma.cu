@@ -12,7 +12,8 @@
 // each stage is one contiguous 1-D bulk copy).
 //
 // Block: 2 consumer warpgroups (each 64 weight columns x 128 tokens, int32
-// accumulators + float sums = 128 registers per thread) + 1 producer warp that
+// accumulators + float sums = 128 registers per thread) + 1 producer warpgroup
+// (registers moved to the consumers by setmaxnreg) whose first thread
 // fills a ring of shared-memory stages with cp.async.bulk (weights 8 KiB +
 // activations 16 KiB + group scales / zero points / group sums per 128-k block),
 // full / empty mbarriers.  Persistent: one block per SM walks (tile, k-split)
@@ -37,8 +38,14 @@ namespace {
 #define FPTQ_WGMMA_DEVICE 1
 #endif
 
-constexpr int kConsumerThreads = 256;           // 2 warpgroups
-constexpr int kBlockThreads = kConsumerThreads + 32;  // + producer warp
+constexpr int kConsumerThreads = 256;                  // 2 warpgroups
+constexpr int kBlockThreads = kConsumerThreads + 128;  // + producer warpgroup (one thread of it issues the copies)
+// Register split by setmaxnreg (the 384-thread block starts at 168 each): the producer warpgroup gives
+// back down to 40, the consumers take 232, which the group > 128 variants need to hold their 64 int32
+// accumulators carried across k-blocks, 64 float sums and the A fragments without spilling.
+constexpr int kProducerRegs = 40;
+constexpr int kConsumerRegs = 232;
+static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536, "register file");
 constexpr int kStages = 6;
 // one stage: weights [8 tiles][2][32][16 B], activations (tiled), scales [4 groups][128],
 // zero points [4][128], group sums [4][128 tokens]
@@ -204,6 +211,10 @@ __device__ __forceinline__ void Bulk(void* dst, const void* src, uint32_t bytes,
       "l"(src), "r"(bytes), "r"(Smem(bar))
       : "memory");
 }
+template <int R>
+__device__ __forceinline__ void RegsDec() { asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(R)); }
+template <int R>
+__device__ __forceinline__ void RegsInc() { asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(R)); }
 __device__ __forceinline__ void WgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgWait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
@@ -277,8 +288,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
   __syncthreads();
 
-  if (warp == 8) {  // producer
-    if (lane == 0) {
+  if (warp >= 8) {  // producer warpgroup: thread 256 issues the copies
+    RegsDec<kProducerRegs>();
+    if (warp == 8 && lane == 0) {
       int it = 0;
       for (int u = blockIdx.x; u < n_units; u += gridDim.x) {
         const Unit x = GetUnit(u, NB, splits, nu, U);
@@ -307,6 +319,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
 
   // consumers: warp w owns 16-column tile w of the block's 128 columns (warpgroup w / 4: m64 rows)
+  RegsInc<kConsumerRegs>();
   const int g = lane >> 2, t = lane & 3;
   int acc[64];
   float yf[64];

@@ -45,6 +45,7 @@ MS = [1, 16, 128, 512, 2048, 4096]
 G = 128
 HBM = {"H200": 4.8e12, "H100": 3.35e12}  # vendor datasheet bytes/s (SXM)
 INT8_PEAK = 1979e12  # dense int8 tensor-core ops/s, H100/H200 SXM datasheet
+PATH_NAMES = {5: "decode v4", 1: "decode v5", 4: "mma.sync", 2: "mma.sync 128", 7: "wgmma"}  # force_path values
 
 # ---------------------------------------------------------------- library
 
@@ -60,6 +61,8 @@ def load_lib():
     lib.fptq_cuda_workspace_bytes.argtypes = [i64, i64, i64, i64, ctypes.c_int]
     lib.fptq_cuda_pack.restype = cp
     lib.fptq_cuda_pack.argtypes = [i64, i64, i64, vp, vp, vp, vp, vp, vp, vp]
+    lib.fptq_cuda_auto_path.restype = ctypes.c_int
+    lib.fptq_cuda_auto_path.argtypes = [i64, i64, i64, i64]
     lib.fptq_cuda_run.restype = cp
     lib.fptq_cuda_run.argtypes = [i64, i64, i64, ctypes.c_int, i64, vp, vp, vp, vp, vp, vp, vp, vp, vp,
                                   ctypes.c_int, ctypes.c_int]
@@ -430,7 +433,8 @@ def main():
             def ours_t(fp):
                 return graph_time(lambda i: ours.run(A, Y, ws, act, False, copy=i, force_path=fp), C)
 
-            row = dict(K=K, N=N, M=M, copies=C, ours_us=ours_t(0))
+            auto = lib.fptq_cuda_auto_path(K, N, G, M)
+            row = dict(K=K, N=N, M=M, copies=C, ours_path=PATH_NAMES.get(auto, str(auto)), ours_us=ours_t(0))
             if M > 16:
                 row["mma_us"], row["quant_us"] = ours_t(4), ours_t(3)
                 if has_wgmma():
@@ -477,6 +481,10 @@ def _ratio(a, b):
     return None if a is None or b is None else a / b
 
 
+def _quant(r):
+    return r.get("wgmma_quant_us") if r.get("ours_path") == "wgmma" else r.get("quant_us")
+
+
 def _var(r):
     if r.get("decode_v4_us") is not None:
         return f"v4 {r['decode_v4_us']:.1f} / v5 {_f(r.get('decode_v5_us'))}"
@@ -495,8 +503,10 @@ def report(name, prop, l2, hbm, rows, checks, ort, argv):
         "",
         "Times are µs per matmul, median of CUDA-graph replays (events) rotating over enough weight copies that "
         "weights stream from HBM. *ours* = activation quantization kernel + W4A8 kernel chosen automatically "
-        "(static act scale, no zero points, group 128: decode kernels for M <= 16, mma.sync prefill above); "
-        "*wgmma* = the sm_90a wgmma prefill kernel forced, with its own (tiled) quantization kernel. Peers: cuBLAS fp16 `torch.matmul`; int8 `torch._int_mm` "
+        "(static act scale, no zero points, group 128), the kernel it chose in the *auto path* column (its "
+        "quantization kernel in *quant part*: the tiled one for wgmma); "
+        "*wgmma* = the sm_90a wgmma prefill kernel forced, with its own (tiled) quantization kernel; *mma.sync* = "
+        "the mma.sync prefill kernel (128×64 tiles) forced. Peers: cuBLAS fp16 `torch.matmul`; int8 `torch._int_mm` "
         "(M padded to 32); FP8 e4m3 `torch._scaled_mm` (bf16 out, M padded to 16); tinygemm W4A16 "
         "`torch._weight_int4pack_mm` (bf16, group 128). The int8/FP8 peers are timed on already-quantized "
         "activations; ours includes its quantization kernel (float32 in, float32 out).",
@@ -505,9 +515,9 @@ def report(name, prop, l2, hbm, rows, checks, ort, argv):
         "",
         "| K×N | M | cuBLAS fp16 | int8 _int_mm | FP8 _scaled_mm | W4A16 tinygemm |"
         + (" MatMulNBits kern |" if has_nb else "")
-        + " ours | (quant part) | wgmma / mma.sync prefill, or decode v4 / v5 | read probe "
+        + " ours | auto path | (quant part) | wgmma / mma.sync prefill, or decode v4 / v5 | read probe "
         "| ours vs fp16 | ours vs FP8 | ours vs int8 | wgmma vs fp16 / FP8 | weight GB/s (% HBM) | TOPS (% int8 peak) |",
-        "|---|---:|---:|---:|---:|---:|" + ("---:|" if has_nb else "") + "---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|---:|---:|---:|---:|" + ("---:|" if has_nb else "") + "---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         hb = "" if hbm is None else f" ({100 * r['ours_GBps'] * 1e9 / hbm:.0f}%)"
@@ -515,7 +525,7 @@ def report(name, prop, l2, hbm, rows, checks, ort, argv):
             f"| {r['K']}×{r['N']} | {r['M']} | {_f(r.get('fp16_us'))} | {_f(r.get('int8_us'))} | "
             f"{_f(r.get('fp8_us'))} | {_f(r.get('w4a16_us'))} |"
             + (f" {_f(r.get('nbits_kernel_us'))} |" if has_nb else "")
-            + f" **{r['ours_us']:.1f}** | {_f(r.get('quant_us'))} | {_var(r)} | {_f(r.get('read_probe_us'))} | "
+            + f" **{r['ours_us']:.1f}** | {r.get('ours_path', '–')} | {_f(_quant(r))} | {_var(r)} | {_f(r.get('read_probe_us'))} | "
             f"{_f(_ratio(r.get('fp16_us'), r['ours_us']), '{:.2f}×')} | "
             f"{_f(_ratio(r.get('fp8_us'), r['ours_us']), '{:.2f}×')} | "
             f"{_f(_ratio(r.get('int8_us'), r['ours_us']), '{:.2f}×')} | "

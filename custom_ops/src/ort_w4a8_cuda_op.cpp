@@ -336,6 +336,11 @@ FPTQ_EXPORT size_t fptq_cuda_workspace_bytes(int64_t K, int64_t N, int64_t G, in
   return fptq::gpu::WorkspaceBytes(DimsOf(K, N, G), M, has_zp != 0);
 }
 
+// The kernel force_path 0 picks for M rows on the current device, as a force_path value (bench labels).
+FPTQ_EXPORT int fptq_cuda_auto_path(int64_t K, int64_t N, int64_t G, int64_t M) {
+  return fptq::gpu::AutoPath(DimsOf(K, N, G), M);
+}
+
 FPTQ_EXPORT const char* fptq_cuda_pack(int64_t K, int64_t N, int64_t G, const uint8_t* B, const float* scales,
                                        const uint8_t* zp, uint8_t* Bp, float* sc16, int8_t* zc, void* stream) {
   return Ret(fptq::gpu::PackWeights(DimsOf(K, N, G), B, scales, zp, Bp, sc16, zc, stream));

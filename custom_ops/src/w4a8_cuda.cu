@@ -31,7 +31,6 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kStages = 4;
-constexpr int kAutoMI = 2;  // prefill warp tile: 2 (32 x 32, 2 blocks/SM) or 4 (64 x 32, 1 block/SM)
 constexpr int kActRowBytes = 144;  // 128 + 16 pad: conflict-free 16-byte reads of 8 rows x 4 lanes
 constexpr int kStageW = 8 * 1024;
 constexpr int PrefillSmem(int bm) { return kStages * (kStageW + bm * kActRowBytes); }
@@ -1092,6 +1091,15 @@ int SmCount() {
   return cached;
 }
 
+int AutoPath(const Dims& d, int64_t M) {
+  if (M <= 8) return 5;   // decode v4: as fast as v5 or faster at M <= 8 (CUDA_NOTES.md v5)
+  if (M <= 16) return 1;  // decode v5 streaming (v4 where it cannot run)
+  // wgmma from kWgmmaMinM rows on (CUDA_NOTES.md v6: faster than mma.sync at M >= 512 on all five shapes,
+  // H200 2026-12-03); group sizes 32 / 64 (a rescale every 1-2 k32 steps) were not timed and stay on mma.sync
+  if (M >= kWgmmaMinM && d.Gp >= 128 && WgmmaUsable()) return 7;
+  return 4;  // mma.sync prefill, 128 x 64 tiles
+}
+
 std::string Run(const Problem& p, void* stream) {
   if (p.M <= 0) return {};
   const Dims& d = p.d;
@@ -1115,19 +1123,14 @@ std::string Run(const Problem& p, void* stream) {
         reinterpret_cast<const uint4*>(p.w.Bp), n16, p.Y);
     return LastError("read probe");
   }
-  const bool decode = p.force_path == 1 || p.force_path == 5 || p.force_path == 6 ||
-                      (p.force_path == 0 && p.M <= 16);
-  const int S = p.force_path == 6 ? 6 : kDecStagesDefault;
+  const int path = p.force_path != 0 ? p.force_path : AutoPath(d, p.M);
+  const bool decode = path == 1 || path == 5 || path == 6;
+  const int S = path == 6 ? 6 : kDecStagesDefault;
   if (decode && p.M > 16) return "W4A8MatMul (CUDA): decode kernel needs M <= 16";
-  // the wgmma prefill kernel (w4a8_cuda_wgmma.cu) only when forced: it has not run on a GPU yet
-  // (CUDA_NOTES.md v6), so auto keeps the measured mma.sync kernels
-  if (p.force_path == 7 || p.force_path == 9) return RunWgmma(p, stream);
+  if (path == 7 || path == 9) return RunWgmma(p, stream);
   StreamPlan sp;
   bool streaming = false;
-  // auto: the v5 streaming kernel for 9..16 rows; for M <= 8 the v4 kernel measured as fast or faster
-  // (H200, CUDA_NOTES.md v5), so it stays the default there.
-  const bool want_stream = p.force_path == 1 || p.force_path == 6 || (p.force_path == 0 && p.M > 8);
-  if (decode && want_stream && IsSm90()) {
+  if ((path == 1 || path == 6) && IsSm90()) {
     sp = PlanTma(d, p.M, zp, S);
     streaming = sp.smem <= static_cast<size_t>(MaxSmemOptin());
   }
@@ -1135,7 +1138,7 @@ std::string Run(const Problem& p, void* stream) {
       d, p.A, p.per_token, p.act_scale, qA, sa, qsum16, streaming ? p.Y : nullptr);
   std::string err = LastError("activation quantization");
   if (!err.empty()) return err;
-  if (p.force_path == 3) return {};  // activation quantization only (benchmark breakdown)
+  if (path == 3) return {};  // activation quantization only (benchmark breakdown)
   if (decode) {
     if (streaming) {
       if (p.M <= 8) return zp ? Tma<1, true>(p, sp, qA, sa, qsum16, stream, S) : Tma<1, false>(p, sp, qA, sa, qsum16, stream, S);
@@ -1144,8 +1147,9 @@ std::string Run(const Problem& p, void* stream) {
     if (p.M <= 8) return zp ? LaunchDecode<1, true>(p, qA, sa, qsum16, stream) : LaunchDecode<1, false>(p, qA, sa, qsum16, stream);
     return zp ? LaunchDecode<2, true>(p, qA, sa, qsum16, stream) : LaunchDecode<2, false>(p, qA, sa, qsum16, stream);
   }
-  // prefill: 128 x 64 block tiles, 2 blocks per SM (kAutoMI = 2) or 128 x 128, 1 per SM (4)
-  const int mi = p.force_path == 2 ? 4 : p.force_path == 4 ? 2 : kAutoMI;
+  // mma.sync prefill: 128 x 128 block tiles, warp tile 64 x 32, 1 block per SM (path 2), else 128 x 64,
+  // warp tile 32 x 32, 2 blocks per SM (path 4, the auto one)
+  const int mi = path == 2 ? 4 : 2;
   return mi == 4 ? Prefill<4>(p, qA, sa, qsum16, stream) : Prefill<2>(p, qA, sa, qsum16, stream);
 }
 

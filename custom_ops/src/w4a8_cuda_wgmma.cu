@@ -67,82 +67,95 @@ std::string LastErr(const char* what) {
 
 // ---------------------------------------------------------------- activation quantization, tiled
 
-// Block: 8 rows (one core-matrix row group), 8 warps.  Phase 1: warp w finds row w's
-// scale.  Phase 2: warp w quantizes k-blocks w, w + 8, ...; lane (r, t) = (lane / 4,
-// lane % 4) handles 8 consecutive k of row r per k32 step and stores their evens and
-// odds as 4 bytes each into the two core matrices of the step: a warp store covers
-// one 128-byte core matrix.
-__global__ void __launch_bounds__(256) QuantizeTiledKernel(Dims d, int M, int Mp, const float* __restrict__ A,
+// Per-token scales: warp w of a block finds the scale of row 8 * blockIdx.x + w (a pass of its own so
+// that QuantizeTiledKernel can split every row over many blocks).
+__global__ void __launch_bounds__(256) RowScaleKernel(int M, int K, const float* __restrict__ A,
+                                                      float* __restrict__ sa) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int row = blockIdx.x * 8 + warp;
+  if (row >= M) return;
+  const float* a = A + static_cast<int64_t>(row) * K;
+  float m0 = 0.0f, m1 = 0.0f;
+  if ((K % 4) == 0) {
+    const float4* a4 = reinterpret_cast<const float4*>(a);
+#pragma unroll 4
+    for (int i = lane; i < K / 4; i += 32) {
+      const float4 v = __ldg(a4 + i);
+      m0 = fmaxf(m0, fmaxf(fabsf(v.x), fabsf(v.y)));
+      m1 = fmaxf(m1, fmaxf(fabsf(v.z), fabsf(v.w)));
+    }
+  } else {
+    for (int k = lane; k < K; k += 32) m0 = fmaxf(m0, fabsf(__ldg(a + k)));
+  }
+  float m = fmaxf(m0, m1);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  if (lane == 0) sa[row] = (m == 0.0f) ? 1.0f : __fdiv_rn(m, 127.0f);
+}
+
+// Block (blockIdx.x, blockIdx.y): 8 rows (one core-matrix row group), 8 warps; warp w quantizes
+// k-blocks 8 * rd + w for the rounds rd in [rpb * blockIdx.y, rpb * (blockIdx.y + 1)) (the grid's y splits
+// each row so that small M still fills the GPU).  Row scales come from sa (per_token: RowScaleKernel) or the static scale, which
+// the y = 0 blocks write into sa.  Lane (r, t) = (lane / 4, lane % 4) handles 8 consecutive k of row r per
+// k32 step and stores their evens and odds as 4 bytes each into the two core matrices of the step: a
+// warp store covers one 128-byte core matrix.  The 4 steps' loads of a k-block are issued before any
+// of them is used (8 float4 in flight per lane).
+__global__ void __launch_bounds__(256, 4) QuantizeTiledKernel(Dims d, int M, int Mp, const float* __restrict__ A,
                                                            bool per_token, const float* __restrict__ act_scale,
                                                            int8_t* __restrict__ qT, float* __restrict__ sa,
-                                                           int* __restrict__ qsT) {
-  __shared__ float s_scale[8];
+                                                           int* __restrict__ qsT, int rpb) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int row0 = blockIdx.x * 8;
   const int K = static_cast<int>(d.K), G = static_cast<int>(d.G), Gp = static_cast<int>(d.Gp);
   const int ng = static_cast<int>(d.ng), nkb = static_cast<int>(d.nkb);
   const bool vec = (K % 4) == 0;
-  {
-    const int row = row0 + warp;
-    float s = 1.0f;
-    if (row < M) {
-      if (per_token) {
-        const float* a = A + static_cast<int64_t>(row) * K;
-        float m0 = 0.0f, m1 = 0.0f;
-        if (vec) {
-          const float4* a4 = reinterpret_cast<const float4*>(a);
-#pragma unroll 4
-          for (int i = lane; i < K / 4; i += 32) {
-            const float4 v = __ldg(a4 + i);
-            m0 = fmaxf(m0, fmaxf(fabsf(v.x), fabsf(v.y)));
-            m1 = fmaxf(m1, fmaxf(fabsf(v.z), fabsf(v.w)));
-          }
-        } else {
-          for (int k = lane; k < K; k += 32) m0 = fmaxf(m0, fabsf(__ldg(a + k)));
-        }
-        float m = fmaxf(m0, m1);
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-        s = (m == 0.0f) ? 1.0f : __fdiv_rn(m, 127.0f);
-      } else {
-        s = __ldg(act_scale);
-      }
-      if (lane == 0) sa[row] = s;
-    }
-    if (lane == 0) s_scale[warp] = s;
-  }
-  __syncthreads();
   const int r = lane >> 2, t = lane & 3;
   const int row = row0 + r;
   const bool valid = row < M;
-  const float s = s_scale[r];
+  float s = 1.0f;
+  if (per_token) {
+    if (valid) s = __ldg(sa + row);
+  } else {
+    s = __ldg(act_scale);
+    if (blockIdx.y == 0 && threadIdx.x < 8 && row0 + static_cast<int>(threadIdx.x) < M) sa[row0 + threadIdx.x] = s;
+  }
   const float* a = A + static_cast<int64_t>(valid ? row : 0) * K;
   const int lo = per_token ? -127 : -128;
   const int mt = row0 / kWgBM, grp = (row0 % kWgBM) / 8;
   int8_t* base = qT + static_cast<int64_t>(mt) * nkb * (kWgBM * 128) + grp * 128 + r * 16 + 4 * t;
   constexpr int kHalf = (kWgBM / 8) * 128;  // bytes between the two k16 halves of a k32 step
-  for (int kb = warp; kb < nkb; kb += 8) {
-    int gsum = 0;
+  const int rd1 = min((nkb + 7) / 8, rpb * static_cast<int>(blockIdx.y + 1));
+  for (int rd = rpb * static_cast<int>(blockIdx.y); rd < rd1; ++rd) {
+    const int kb = 8 * rd + warp;
+    if (kb >= nkb) break;
+    float x[4][8];
+    int gis[4];
 #pragma unroll
     for (int c = 0; c < 4; ++c) {
       const int kk = kb * 128 + 32 * c + 8 * t;
       const int gi = kk / Gp, j0 = kk - gi * Gp;
       const int k0 = gi * G + j0;
-      float x[8];
+      gis[c] = gi;
       if (valid && vec && gi < ng && j0 + 8 <= G && k0 + 8 <= K) {
         const float4 v0 = __ldg(reinterpret_cast<const float4*>(a + k0));
         const float4 v1 = __ldg(reinterpret_cast<const float4*>(a + k0 + 4));
-        x[0] = v0.x, x[1] = v0.y, x[2] = v0.z, x[3] = v0.w, x[4] = v1.x, x[5] = v1.y, x[6] = v1.z, x[7] = v1.w;
+        x[c][0] = v0.x, x[c][1] = v0.y, x[c][2] = v0.z, x[c][3] = v0.w;
+        x[c][4] = v1.x, x[c][5] = v1.y, x[c][6] = v1.z, x[c][7] = v1.w;
       } else {
 #pragma unroll
         for (int e = 0; e < 8; ++e)
-          x[e] = (valid && gi < ng && j0 + e < G && k0 + e < K) ? __ldg(a + k0 + e) : 0.0f;
+          x[c][e] = (valid && gi < ng && j0 + e < G && k0 + e < K) ? __ldg(a + k0 + e) : 0.0f;
       }
+    }
+    int gsum = 0;
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+      const int gi = gis[c];
       uint32_t ev = 0, od = 0;
       int sum = 0;
 #pragma unroll
       for (int e = 0; e < 8; ++e) {
-        int q = __float2int_rn(__fdiv_rn(x[e], s));
+        int q = __float2int_rn(__fdiv_rn(x[c][e], s));
         q = min(max(q, lo), 127);
         sum += q;
         const uint32_t b = static_cast<uint32_t>(q) & 0xFFu;
@@ -482,8 +495,16 @@ std::string RunWgmma(const Problem& p, void* stream) {
   splits = std::max<int64_t>(1, std::min(splits, nu));
   if (splits > 1) cudaMemsetAsync(p.Y, 0, static_cast<size_t>(p.M) * d.N * sizeof(float), s);
   if (zp && d.Gp > 128) cudaMemsetAsync(qsT, 0, static_cast<size_t>(d.ng) * l.Mp * sizeof(int), s);
-  QuantizeTiledKernel<<<static_cast<unsigned>((p.M + 7) / 8), 256, 0, s>>>(
-      d, static_cast<int>(p.M), static_cast<int>(l.Mp), p.A, p.per_token, p.act_scale, qT, sa, qsT);
+  const unsigned row_blocks = static_cast<unsigned>((p.M + 7) / 8);
+  if (p.per_token)
+    RowScaleKernel<<<row_blocks, 256, 0, s>>>(static_cast<int>(p.M), static_cast<int>(d.K), p.A, sa);
+  // rows split over ky blocks of rpb rounds (8 k-blocks) each: about 4 blocks of 256 threads per SM in all
+  const int64_t rounds = (d.nkb + 7) / 8;
+  const int64_t want = std::min<int64_t>(rounds, (4 * static_cast<int64_t>(P) + row_blocks - 1) / row_blocks);
+  const int64_t rpb = (rounds + want - 1) / want, ky = (rounds + rpb - 1) / rpb;
+  QuantizeTiledKernel<<<dim3(row_blocks, static_cast<unsigned>(ky)), 256, 0, s>>>(
+      d, static_cast<int>(p.M), static_cast<int>(l.Mp), p.A, p.per_token, p.act_scale, qT, sa, qsT,
+      static_cast<int>(rpb));
   std::string err = LastErr("activation quantization (tiled)");
   if (!err.empty() || p.force_path == 9) return err;  // 9: quantization only (benchmark breakdown)
   const int n_units = static_cast<int>(tiles * splits);

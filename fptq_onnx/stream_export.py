@@ -11,7 +11,10 @@ afterwards by us instead of inside `torch.onnx.export`, because it would fold
   can read it by accident (and our `should_fold` keeps the optimizer off it);
 - every other initializer (embeddings, lm_head, norms, biases, rotary inv_freq)
   gets its real value from the checkpoint (`values(name)`): these are small next to
-  the decoder linears (the embedding and lm_head of a 7B model are 0.5 GB each).
+  the decoder linears (the embedding and lm_head of a 7B model are 0.5 GB each);
+- an initializer that is no tensor of the model is a constant the exporter lifted
+  out of the forward (torch 2.11 does, as `lifted_tensor_N`): it keeps the value
+  the trace gave it (the traced-graph cache stores it).
 
 `export.canonicalize` then names the graph exactly as for the in-memory export:
 MatMul B of each decoder linear is the placeholder `<module>.weight` [K, N], norm
@@ -82,14 +85,33 @@ def export_structure(skeleton: torch.nn.Module, spec: ArchSpec, values: Callable
     else:
         model = trace_structure(skeleton, spec)
         if cache is not None:
-            _save_traced(model, cache)
+            _save_traced(model, cache, model_tensor_names(skeleton))
     return finish_structure(model, skeleton, spec, values, linear_names)
 
 
-def _save_traced(model: ir.Model, path: Path) -> None:
-    """The traced graph with every initializer as a placeholder (no data), written atomically."""
+def model_tensor_names(skeleton: torch.nn.Module) -> set[str]:
+    """The parameters' and buffers' names: an initializer named otherwise is a constant the trace lifted."""
+    return ({name for name, _ in skeleton.named_parameters(remove_duplicate=False)}
+            | {name for name, _ in skeleton.named_buffers(remove_duplicate=False)})
+
+
+def _model_key(initializer: str) -> str:
+    return initializer[len(_WRAPPER_PREFIX):] if initializer.startswith(_WRAPPER_PREFIX) else initializer
+
+
+def _has_data(tensor) -> bool:
+    """False for no value, a placeholder, or a meta-device torch tensor (the trace of a meta model)."""
+    if tensor is None or is_placeholder(tensor):
+        return False
+    raw = getattr(tensor, "raw", None)
+    return not (isinstance(raw, torch.Tensor) and raw.is_meta)
+
+
+def _save_traced(model: ir.Model, path: Path, model_tensors: set[str]) -> None:
+    """The traced graph, written atomically: the model's tensors as placeholders (no data), lifted constants whole."""
     for name, value in model.graph.initializers.items():
-        value.const_value = placeholder(name, tuple(int(d) for d in value.shape), value.dtype)
+        if _model_key(name) in model_tensors or not _has_data(value.const_value):
+            value.const_value = placeholder(name, tuple(int(d) for d in value.shape), value.dtype)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     ir.save(model, tmp)
@@ -135,11 +157,15 @@ def finish_structure(model: ir.Model, skeleton: torch.nn.Module, spec: ArchSpec,
 
     layers = skeleton.config.num_hidden_layers
     weights = {f"{name}.weight" for name in linear_names}
+    model_tensors = model_tensor_names(skeleton)
     for name, value in model.graph.initializers.items():
-        key = name[len(_WRAPPER_PREFIX):] if name.startswith(_WRAPPER_PREFIX) else name
+        key = _model_key(name)
         shape = tuple(int(d) for d in value.shape)
         if key in weights:
             value.const_value = placeholder(name, shape)
+        elif key not in model_tensors:
+            if not _has_data(value.const_value):
+                raise FptqError(f"the traced graph has a constant {name} without a value (not a tensor of the model)")
         else:
             array = values(key)
             if tuple(array.shape) != shape:

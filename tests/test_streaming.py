@@ -121,3 +121,40 @@ def test_auto_stream_decision(tiny_checkpoint):
     assert should_stream(str(tiny_checkpoint), options, 1024**2)  # a budget the whole model exceeds
     assert not should_stream(str(tiny_checkpoint), options, 64 * GIB)
     assert not should_stream(str(tiny_checkpoint / "missing"), options, 1024**2)  # left to the in-memory source
+
+
+def test_lifted_constant_keeps_its_traced_value(tiny_models, tmp_path):
+    """torch 2.11's exporter lifts a forward constant into the trace as an initializer (`lifted_tensor_N`) that is
+    no tensor of the model: the traced-graph cache keeps its value and finish_structure uses it, instead of
+    looking it up in the checkpoint; one without a value is a clear error."""
+    import numpy as np
+    import onnx_ir as ir
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fptq_onnx.errors import FptqError
+    from fptq_onnx.layer_source import ModelLayers
+    from fptq_onnx.models.registry import spec_for
+    from fptq_onnx.stream_export import (_save_traced, finish_structure, is_placeholder, model_tensor_names,
+                                         trace_structure)
+
+    spec, model = spec_for("llama"), tiny_models["llama"]
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(model.config, dtype=torch.float32).eval()
+        traced = trace_structure(meta, spec)
+    traced.graph.register_initializer(ir.Value(name="lifted_tensor_0", const_value=ir.tensor(np.float32([2.0]))))
+    cache = tmp_path / "trace.onnx"
+    _save_traced(traced, cache, model_tensor_names(meta))
+
+    loaded = ir.load(cache)
+    lifted = loaded.graph.initializers["lifted_tensor_0"]
+    assert lifted.const_value.numpy().tolist() == [2.0]
+    assert all(is_placeholder(v.const_value) for n, v in loaded.graph.initializers.items() if n != "lifted_tensor_0")
+    layers = ModelLayers(model, spec)
+    linears = {layers.prefix(i) + name for i in range(layers.num_layers) for name in spec.linears()}
+    finish_structure(loaded, meta, spec, layers.value, linears)  # no lookup of lifted_tensor_0 in the model
+
+    valueless = ir.load(cache)
+    valueless.graph.initializers["lifted_tensor_0"].const_value = None
+    with pytest.raises(FptqError, match="constant lifted_tensor_0 without a value"):
+        finish_structure(valueless, meta, spec, layers.value, linears)

@@ -13,8 +13,10 @@ afterwards by us instead of inside `torch.onnx.export`, because it would fold
   gets its real value from the checkpoint (`values(name)`): these are small next to
   the decoder linears (the embedding and lm_head of a 7B model are 0.5 GB each);
 - an initializer that is no tensor of the model is a constant the exporter lifted
-  out of the forward (torch 2.11 does, as `lifted_tensor_N`): it keeps the value
-  the trace gave it (the traced-graph cache stores it).
+  out of the forward (`lifted_tensor_N`: transformers 5.17's eager mask makes
+  `torch.tensor(0.0, device=mask.device)`): it keeps the value the trace gave it
+  (the traced-graph cache stores it). On the meta device such a scalar would have
+  no value, so the trace makes number scalars on the CPU (`_scalars_on_cpu`).
 
 `export.canonicalize` then names the graph exactly as for the in-memory export:
 MatMul B of each decoder linear is the placeholder `<module>.weight` [K, N], norm
@@ -31,10 +33,11 @@ memory. Saving then writes only the (small) graph proto.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +138,7 @@ def trace_structure(skeleton: torch.nn.Module, spec: ArchSpec) -> ir.Model:
         "past": tuple({0: dim, 2: dim} for _ in range(2 * layers)),
     }
     inputs = tuple(t.to("meta") for t in example_inputs(config))
-    with warnings.catch_warnings(), _quiet_loggers(), torch.no_grad(), _eager_attention(skeleton):
+    with warnings.catch_warnings(), _quiet_loggers(), torch.no_grad(), _eager_attention(skeleton), _scalars_on_cpu():
         warnings.simplefilter("ignore")
         try:
             program = torch.onnx.export(
@@ -146,6 +149,27 @@ def trace_structure(skeleton: torch.nn.Module, spec: ArchSpec) -> ir.Model:
         except Exception as exc:  # the exporter raises many types; the user needs one line
             raise FptqError(f"torch.onnx.export failed for {config.model_type}: {str(exc).splitlines()[0]}") from exc
     return program.model
+
+
+@contextlib.contextmanager
+def _scalars_on_cpu() -> Iterator[None]:
+    """`torch.tensor(number, device=<meta>)` makes the scalar on the CPU instead, for the trace's duration.
+
+    A meta scalar has no value, so its lifted constant could not be exported; a 0-dim CPU
+    tensor keeps the number and mixes with tensors of any device.
+    """
+    original = torch.tensor
+
+    def tensor(data, *args, device=None, **kwargs):
+        if isinstance(data, (bool, int, float)) and device is not None and torch.device(device).type == "meta":
+            device = "cpu"
+        return original(data, *args, device=device, **kwargs)
+
+    torch.tensor = tensor
+    try:
+        yield
+    finally:
+        torch.tensor = original
 
 
 def finish_structure(model: ir.Model, skeleton: torch.nn.Module, spec: ArchSpec, values: Callable[[str], np.ndarray],

@@ -158,3 +158,23 @@ def test_lifted_constant_keeps_its_traced_value(tiny_models, tmp_path):
     valueless.graph.initializers["lifted_tensor_0"].const_value = None
     with pytest.raises(FptqError, match="constant lifted_tensor_0 without a value"):
         finish_structure(valueless, meta, spec, layers.value, linears)
+
+
+def test_meta_trace_keeps_scalar_constants():
+    """transformers 5.17's eager mask does `torch.where(mask, torch.tensor(0.0, device=mask.device), min)`: traced on
+    the meta device that scalar would be a constant without a value; the structure trace makes it on the CPU."""
+    import torch
+
+    from fptq_onnx.export import _quiet_loggers
+    from fptq_onnx.stream_export import _scalars_on_cpu
+
+    class Mask(torch.nn.Module):
+        def forward(self, x):
+            return torch.where(x > 0, torch.tensor(0.0, device=x.device, dtype=x.dtype), torch.finfo(x.dtype).min)
+
+    with _quiet_loggers(), _scalars_on_cpu():
+        program = torch.onnx.export(Mask(), (torch.zeros(2, 3, device="meta"),), dynamo=True, optimize=False,
+                                    verbose=False)
+    (constant,) = program.model.graph.initializers.values()
+    assert constant.const_value.numpy().tolist() == 0.0
+    assert torch.tensor(1.0, device="meta").is_meta  # the patch ends with the trace

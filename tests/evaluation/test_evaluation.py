@@ -395,7 +395,7 @@ def test_mmlu_limit_is_per_subject_after_the_exemplars(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tasks, k, pattern", [
-    (["mmlu"], 2, r"subject 'anatomy' has 2 questions; --num-fewshot 2 needs at least 3"),
+    (["mmlu"], 2, r"subject 'anatomy' has 2 questions; 2-shot \(--num-fewshot 2 or @2shot\) needs at least 3"),
     (["piqa"], 5, r"--num-fewshot applies to MMLU-schema tasks.*none of piqa"),
     (["mmlu"], -1, r"--num-fewshot must be >= 0"),
 ])
@@ -433,7 +433,7 @@ def test_kshot_task_name_is_the_fewshot_task_under_its_own_name(tmp_path: Path) 
     ("@5shot", 0, r"the part after '@' must be Kshot"),
     ("squad@5shot", 0, r"unknown task 'squad'"),
     ("piqa@5shot", 0, r"task 'piqa@5shot': @Kshot applies to MMLU-schema tasks.*piqa is scored as multiple choice"),
-    ("mmlu@2shot", 0, r"subject 'anatomy' has 2 questions"),
+    ("mmlu@2shot", 0, r"subject 'anatomy' has 2 questions; 2-shot"),
     ("mmlu@1shot", 1, r"--num-fewshot 1 and mmlu@1shot both set the exemplars"),
 ])
 def test_bad_kshot_task_names(tmp_path: Path, task: str, k: int, pattern: str) -> None:

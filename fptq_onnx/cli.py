@@ -155,7 +155,7 @@ def inspect(
 @app.command("eval")
 def eval_(
     onnx_model: Annotated[Path, typer.Argument(help="An exported or converted .onnx model (tokenizer beside it).")],
-    task: Annotated[str, typer.Option(help="Comma list: wikitext2, c4, lambada, piqa, arc_easy, winogrande, mmlu, or a local .txt/.jsonl file (a text corpus, or multiple choice detected by its fields).")] = "wikitext2",
+    task: Annotated[str, typer.Option(help="Comma list: wikitext2, c4, lambada, piqa, arc_easy, winogrande, mmlu, mmlu@5shot, or a local .txt/.jsonl file (a text corpus, or multiple choice detected by its fields).")] = "wikitext2",
     seqlen: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 2048,
     limit: Annotated[Optional[int], typer.Option(help="At most this many items per task (MMLU: per subject), and windows per corpus unless --windows.")] = None,
     windows: Annotated[Optional[int], typer.Option(help="Perplexity windows per corpus; given, --limit does not cap them (default: all, c4 the first 256, capped by --limit).")] = None,
@@ -177,7 +177,7 @@ def compare(
     model: ModelArg = None,
     out_dir: Annotated[Path, typer.Option("--out", help="Directory for the models, results.json, comparison.md/.png.")] = Path("compare"),
     methods: Annotated[str, typer.Option(help="Comma list of NAME[:key=value,...]; fp32 is the float baseline.")] = "fp32,rtn,ort-acc4,smoothquant,gptq,awq,fptq",
-    tasks: Annotated[str, typer.Option(help="Comma list: wikitext2, c4, lambada, piqa, arc_easy, winogrande, mmlu, or local .txt/.jsonl files.")] = "wikitext2,lambada,piqa,winogrande,arc_easy",
+    tasks: Annotated[str, typer.Option(help="Comma list: wikitext2, c4, lambada, piqa, arc_easy, winogrande, mmlu, mmlu@5shot (MMLU-schema task, 5 exemplars), or local .txt/.jsonl files.")] = "wikitext2,lambada,piqa,winogrande,arc_easy",
     limit: Annotated[Optional[int], typer.Option(help="At most this many perplexity windows (and task items unless --item-limit).")] = None,
     item_limit: Annotated[Optional[int], typer.Option(help="At most this many items per zero-shot task.")] = None,
     seqlen: Annotated[int, typer.Option(help="Perplexity window in tokens.")] = 2048,

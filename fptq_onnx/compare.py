@@ -175,18 +175,19 @@ def compare_command(
             entry["size_bytes"] = model_bytes(path)
             if manifest is not None and manifest.get("parity"):
                 entry["parity"] = manifest["parity"]
-            cached = None if row["built"] else cached_scores(previous, label, spec, eval_key, entry["size_bytes"])
-            if cached is not None:
-                say("  reusing the existing scores")
-                entry["results"], entry["eval_seconds"] = cached["results"], cached.get("eval_seconds")
-            else:
-                with step(f"evaluating {label} through ONNX Runtime ({', '.join(task_names)})"):
-                    eval_start = time.perf_counter()
+            cached = {} if row["built"] else cached_scores(previous, label, spec, eval_key, entry["size_bytes"])
+            missing = [task for task in task_names if task not in cached]
+            if cached:
+                say(f"  reusing the existing scores ({', '.join(cached)})")
+            scored = {}
+            if missing:
+                with step(f"evaluating {label} through ONNX Runtime ({', '.join(missing)})"):
                     lm = OnnxCausalLM(path, threads=threads, spin=False)
-                    entry["results"] = _evaluate(evaluate, lm, load_onnx_tokenizer(path), task_names, data_dir,
-                                                 seqlen, limit, item_limit, model_max_length(path), progress)
+                    scored = _evaluate(evaluate, lm, load_onnx_tokenizer(path), missing, data_dir,
+                                       seqlen, limit, item_limit, model_max_length(path), progress)
                     del lm
-                    entry["eval_seconds"] = round(time.perf_counter() - eval_start, 1)
+            entry["results"] = {task: cached.get(task) or scored[task] for task in task_names}
+            entry["eval_seconds"] = round(sum(result["seconds"] for result in entry["results"].values()), 1)
             entry["eval"] = eval_key
             say("  " + summary_line(entry, task_names))
         except FptqError as exc:

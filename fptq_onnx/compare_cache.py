@@ -52,12 +52,16 @@ def read_manifest(path: Path) -> dict | None:
         return None
 
 
+def cached_scores(previous: dict, label: str, spec: MethodSpec, eval_key: dict, size: int) -> dict[str, dict]:
+    """The earlier run's scores for this row that still hold, by task (same settings, same model size).
 
-
-def cached_scores(previous: dict, label: str, spec: MethodSpec, eval_key: dict, size: int) -> dict | None:
-    """The earlier run's entry for this row if its scores still hold (same evaluation, same model size)."""
+    Task by task, so a run that adds a task (say mmlu@5shot beside mmlu) scores only the new one.
+    """
     cached = previous.get(label)
-    if (cached and cached.get("results") and not cached.get("error") and cached.get("eval") == eval_key
-            and cached.get("size_bytes") == size and cached.get("spec") == spec.text):
-        return cached
-    return None
+    if not (cached and cached.get("results") and not cached.get("error") and cached.get("size_bytes") == size
+            and cached.get("spec") == spec.text):
+        return {}
+    settings = {k: v for k, v in eval_key.items() if k != "tasks"}
+    if {k: v for k, v in (cached.get("eval") or {}).items() if k != "tasks"} != settings:
+        return {}
+    return {task: cached["results"][task] for task in eval_key["tasks"] if task in cached["results"]}

@@ -7,6 +7,7 @@ entry covers every layer.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fptq_onnx.errors import FptqError
 
@@ -26,14 +27,33 @@ class LinearPair:
     `per_head` marks pairs where the producer's output is shared by several consumer
     heads (v_proj -> o_proj under grouped-query attention): a scale folds only if it
     is equal across the query heads that share one KV head.
+
+    `rows` says which of the producer's output rows those are: "all" of them, or "last"
+    for a fused producer whose consumer reads its trailing block (Phi-3: the v rows of
+    qkv_proj = [q; k; v], the up half of gate_up_proj = [gate; up]). Multiplying the
+    consumer's input channels by s divides exactly those rows by s; the others keep theirs.
     """
 
     producer: str
     consumer: str
     per_head: bool = False
-    # False where the producer is fused (Phi-3's qkv_proj, gate_up_proj): the rows that feed the
-    # consumer are a slice the fold cannot address, so the consumer is quantized but never folded.
-    foldable: bool = True
+    rows: Literal["all", "last"] = "all"
+
+    def producer_rows(self, producer_out: int, consumer_in: int, heads: int, kv_heads: int) -> slice | None:
+        """The producer's output rows feeding the consumer; None when the shapes do not pair up.
+
+        As many as the consumer's input channels, or under `per_head` one per KV-head
+        channel (each read by heads / kv_heads query heads).
+        """
+        width = consumer_in
+        if self.per_head:
+            if kv_heads < 1 or heads % kv_heads or consumer_in % heads:
+                return None
+            width = consumer_in // (heads // kv_heads)
+        start = producer_out - width if self.rows == "last" else 0
+        if start < 0 or (self.rows == "all" and width != producer_out):
+            return None
+        return slice(start, producer_out)
 
 
 @dataclass(frozen=True)
@@ -103,11 +123,11 @@ ARCHITECTURES: tuple[ArchSpec, ...] = (
             EqualizationGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
         ),
         (
-            LinearPair("self_attn.qkv_proj", "self_attn.o_proj", foldable=False),
-            LinearPair("mlp.gate_up_proj", "mlp.down_proj", foldable=False),
+            LinearPair("self_attn.qkv_proj", "self_attn.o_proj", per_head=True, rows="last"),
+            LinearPair("mlp.gate_up_proj", "mlp.down_proj", rows="last"),
         ),
-        notes="fused qkv_proj and gate_up_proj: o_proj / down_proj read a slice of their rows (v, up), which "
-              "the fold does not address, so these pairs never fold (per-token or static without LAE)",
+        notes="fused qkv_proj and gate_up_proj: o_proj / down_proj read their last rows (v; up), "
+              "so a pair's s folds into that slice",
     ),
 )
 

@@ -121,7 +121,14 @@ def test_linears_named_and_norms_hold_their_multiplier(arch, tiny_models, tiny_o
 
 
 def _equalizations(model, spec) -> list[Equalization]:
-    """A random per-channel scale on every group norm and every foldable pair, like LAE's range."""
+    """A random per-channel scale on every group norm and every pair, like LAE's range.
+
+    Pairs go through `pair_equalization`, as the algorithms' do: Phi-3's fused producers
+    take s on their v / up rows only, which these float-function checks hold to account.
+    """
+    from fptq_onnx.algorithms.common import pair_equalization
+    from fptq_onnx.algorithms.layer import LayerContext
+
     rng = np.random.default_rng(3)
     config = model.config
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -129,23 +136,21 @@ def _equalizations(model, spec) -> list[Equalization]:
     out = []
     for layer in range(config.num_hidden_layers):
         prefix = f"{spec.layers_path}.{layer}."
+        ctx = LayerContext(layer, prefix, spec, config, {n: m for n, m in modules.items() if n.startswith(prefix)},
+                           {}, 0, 0, 0)
         for group in spec.groups:
             names = [prefix + n for n in group.linears]
             k = modules[names[0]].in_features
             out.append(Equalization(prefix + group.norm, "norm", names, rng.uniform(0.3, 3.0, k).astype(np.float32),
                                     "lae"))
         for pair in spec.pairs:
-            if not pair.foldable:
-                continue
             k = modules[prefix + pair.consumer].in_features
             if pair.per_head:
                 kv_side = rng.uniform(0.3, 3.0, k * kv_heads // heads).astype(np.float32)
                 consumer = np.repeat(kv_side.reshape(kv_heads, 1, -1), heads // kv_heads, axis=1).reshape(-1)
-                out.append(Equalization(prefix + pair.producer, "linear", [prefix + pair.consumer], consumer, "lae",
-                                        source_scale=kv_side))
+                out.append(pair_equalization(ctx, pair, consumer, "lae", kv_side))
             else:
-                out.append(Equalization(prefix + pair.producer, "linear", [prefix + pair.consumer],
-                                        rng.uniform(0.3, 3.0, k).astype(np.float32), "lae"))
+                out.append(pair_equalization(ctx, pair, rng.uniform(0.3, 3.0, k).astype(np.float32), "lae"))
     return out
 
 
@@ -215,6 +220,85 @@ def test_convert_paper_recipe_passes_parity(arch, make_tiny_checkpoint, cli, tmp
     expected = {f"{spec.layers_path}.{layer}.{linear}" for layer in range(2) for linear in spec.linears()}
     assert set(manifest["linears"]) == expected
     assert manifest["counts"].get("lae+static", 0) > 0
+
+
+# --------------------------------------------------------------------------- Phi-3's fused pairs
+
+PAIR_METHODS = {
+    "fptq": ("--method", "fptq", "--fold-pairs", "--v0", "0.01", "--v1", "1000"),  # every linear in the LAE band
+    "smoothquant": ("--method", "smoothquant", "--opt", "fold_pairs=true"),
+    "awq": ("--method", "awq"),
+}
+
+
+def test_fused_pair_rows_are_the_trailing_slice():
+    """The producer rows a consumer reads: Phi-3's v of [q; k; v] and up of [gate; up]; LLaMA's all rows."""
+    heads, kv, d, inter = 4, 2, 16, 96
+    qkv, gate_up = spec_for("phi3").pairs
+    assert qkv.producer_rows((heads + 2 * kv) * d, heads * d, heads, kv) == slice((heads + kv) * d, (heads + 2 * kv) * d)
+    assert gate_up.producer_rows(2 * inter, inter, heads, kv) == slice(inter, 2 * inter)
+    v, up = spec_for("llama").pairs
+    assert v.producer_rows(kv * d, heads * d, heads, kv) == slice(0, kv * d)
+    assert up.producer_rows(inter, inter, heads, kv) == slice(0, inter)
+    assert up.producer_rows(2 * inter, inter, heads, kv) is None  # a plain producer must match exactly
+    assert gate_up.producer_rows(inter - 1, inter, heads, kv) is None  # fewer rows than the consumer reads
+    assert qkv.producer_rows(128, heads * d, heads, 3) is None  # query heads not a multiple of KV heads
+
+
+def test_pair_equalization_scales_only_the_rows_the_consumer_reads(tiny_models):
+    """s on the v / up rows of the fused producer, 1 on q, k and gate; a scale of the wrong width is an error."""
+    from fptq_onnx.algorithms.common import expand_heads, pair_equalization
+    from fptq_onnx.algorithms.layer import LayerContext
+    from fptq_onnx.errors import FptqError
+
+    model = tiny_models["phi3"]
+    spec = spec_for("phi3")
+    prefix = f"{spec.layers_path}.0."
+    linears = {n: m for n, m in model.named_modules() if n.startswith(prefix)}
+    ctx = LayerContext(0, prefix, spec, model.config, linears, {}, 0, 0, 0)
+    qkv, gate_up = spec.pairs
+    heads, kv = ctx.heads
+    q_k = linears[prefix + qkv.producer].out_features - linears[prefix + qkv.consumer].in_features * kv // heads
+    kv_side = np.linspace(0.5, 2.0, linears[prefix + qkv.consumer].in_features * kv // heads, dtype=np.float32)
+    eq = pair_equalization(ctx, qkv, expand_heads(kv_side, heads, kv), "lae", kv_side)
+    assert (eq.source, eq.kind, eq.linears) == (prefix + qkv.producer, "linear", [prefix + qkv.consumer])
+    side = eq.source_side()
+    assert side.size == linears[prefix + qkv.producer].out_features
+    assert np.all(side[:q_k] == 1) and np.array_equal(side[q_k:], kv_side)
+    inter = linears[prefix + gate_up.consumer].in_features
+    side = pair_equalization(ctx, gate_up, np.full(inter, 3.0, np.float32), "lae").source_side()
+    assert np.all(side[:inter] == 1) and np.all(side[inter:] == 3.0) and side.size == 2 * inter
+    with pytest.raises(FptqError, match=r"has 5 channels, its rows 96:192"):
+        pair_equalization(ctx, gate_up, np.ones(5, np.float32), "lae")
+
+
+@pytest.fixture(scope="module")
+def phi3_checkpoint(make_tiny_checkpoint):
+    return make_tiny_checkpoint("phi3")
+
+
+@pytest.mark.parametrize("method", list(PAIR_METHODS))
+def test_phi3_fused_pairs_fold_and_pass_parity(method, phi3_checkpoint, fast_structure, cli, tmp_path):
+    """o_proj / down_proj fold into the v / up rows of qkv_proj / gate_up_proj; the parity check passes."""
+    import json
+
+    out = tmp_path / "m.onnx"
+    result = cli("convert", phi3_checkpoint, out, *PAIR_METHODS[method], "--calib", "random", "--calib-samples", "2",
+                 "--calib-seqlen", "16", "--group-size", "16", "--ppl-windows", "0")
+    assert result.code == 0, result.stderr
+    manifest = json.loads(out.with_name("m.manifest.json").read_text())
+    assert manifest["parity"] is not None
+    spec = spec_for("phi3")
+    layers = range(2)
+    folds = [(e["source"], e["linears"]) for e in manifest["equalizations"] if e["kind"] == "linear"]
+    assert folds == [(f"{spec.layers_path}.{i}.{pair.producer}", [f"{spec.layers_path}.{i}.{pair.consumer}"])
+                     for i in layers for pair in spec.pairs]
+    for i in layers:
+        for pair in spec.pairs:
+            decision = manifest["linears"][f"{spec.layers_path}.{i}.{pair.consumer}"]
+            assert decision["equalized_by"] == f"{spec.layers_path}.{i}.{pair.producer}", decision
+    if method == "fptq":
+        assert manifest["counts"] == {"lae+static": 2 * len(spec.linears())}
 
 
 # --------------------------------------------------------------------------- GGUF

@@ -37,14 +37,29 @@ def _files(directory: Path) -> dict[str, bytes]:
 
 @pytest.mark.parametrize("method", list(METHODS))
 def test_streamed_bytes_equal_in_memory(cli, tiny_checkpoint, fast_structure, tmp_path, method):
-    extra = METHODS[method]
-    full = method in ("fptq", "recipe-best")  # every format and the parity check (its reference is streamed too)
+    _check_stream_equals_memory(cli, tiny_checkpoint, tmp_path, method, METHODS[method],
+                                full=method in ("fptq", "recipe-best"))
+
+
+@pytest.mark.parametrize("method", ["fptq", "smoothquant"])
+def test_streamed_phi3_fused_pair_folds_equal_in_memory(cli, make_tiny_checkpoint, fast_structure, tmp_path, method):
+    """Phi-3's o_proj / down_proj folded into a slice of qkv_proj / gate_up_proj rows: the same bytes streamed."""
+    extra = {"fptq": (*METHODS["fptq"], "--v0", "0.01", "--v1", "1000"),  # the tiny o/down inputs in the LAE band
+             "smoothquant": ("--method", "smoothquant", "--opt", "fold_pairs=true")}[method]
+    manifest = _check_stream_equals_memory(cli, make_tiny_checkpoint("phi3"), tmp_path, method, extra, full=True)
+    assert {eq["source"].rsplit(".", 1)[-1] for eq in manifest["equalizations"] if eq["kind"] == "linear"} == {
+        "qkv_proj", "gate_up_proj"}
+
+
+def _check_stream_equals_memory(cli, checkpoint: Path, tmp_path: Path, method: str, extra: tuple, full: bool) -> dict:
+    """Convert streamed and in memory; the files must match byte for byte. `full`: every format and the parity
+    check (its reference is streamed too). Returns the streamed manifest."""
     formats = () if "--format" in extra else ("--format", "qdq,w4a8,native" if full else "qdq")
     verify = () if full else ("--no-verify",)
     runs = {}
     for mode in ("--stream", "--no-stream"):
         out = tmp_path / mode.strip("-") / "m.onnx"
-        result = cli("convert", tiny_checkpoint, out, mode, *ARGS, *formats, *verify, *extra)
+        result = cli("convert", checkpoint, out, mode, *ARGS, *formats, *verify, *extra)
         assert result.code == 0, result.stderr
         runs[mode] = out.parent
     streamed, whole = _files(runs["--stream"]), _files(runs["--no-stream"])
@@ -56,6 +71,7 @@ def test_streamed_bytes_equal_in_memory(cli, tiny_checkpoint, fast_structure, tm
     assert manifests[0]["linears"] == manifests[1]["linears"]
     if not verify:
         assert manifests[0]["parity"] == manifests[1]["parity"]
+    return manifests[0]
 
 
 @pytest.mark.parametrize(

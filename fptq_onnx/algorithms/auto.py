@@ -7,7 +7,8 @@ calibration inputs X, we try each equalization s
 
     none | LAE (FPTQ) | SmoothQuant and AWQ-style (mean|x|^α) scales, α ∈ `alphas`
 
-(o_proj / down_proj only where s folds into v_proj / up_proj) and each activation
+(o_proj / down_proj: s folds into v_proj / up_proj, or the v / up rows of Phi-3's
+fused qkv_proj / gate_up_proj) and each activation
 mode for X / s
 
     per-tensor static int8 (then, for the best equalization, the range chosen by
@@ -35,13 +36,14 @@ import numpy as np
 import torch
 
 from fptq_onnx.algorithms.awq import _pair_tie, fake_quant, token_subsample
-from fptq_onnx.algorithms.common import check_group_size, expand_heads
+from fptq_onnx.algorithms.common import check_group_size, expand_heads, pair_equalization
 from fptq_onnx.algorithms.gptq import GptqSettings
 from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.algorithms.smoothquant import smooth_scales
 from fptq_onnx.algorithms.weight_quant import check_weight_quantizer, gptq_settings, layer_weights, weight_observers
 from fptq_onnx.errors import FptqError
 from fptq_onnx.fakequant import fake_quant_per_token, fake_quant_static
+from fptq_onnx.models.registry import LinearPair
 from fptq_onnx.plan import ActMode, Equalization, LinearPlan, QuantPlan
 from fptq_onnx.quant import lae_scales, static_scale
 
@@ -90,7 +92,7 @@ class Choice:
     weight_error: float  # the same with float activations (W4A16)
     covered: float  # max |X/s| the static scale covers (per-token: the calibrated max)
     scale: np.ndarray | None  # s per consumer input channel; None = no equalization
-    source_scale: np.ndarray | None = None  # s per producer channel when it differs (GQA)
+    kv_side: np.ndarray | None = None  # s per producer channel when it differs (GQA)
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Group:
 
     names: list[str]
     source: str
-    kind: str  # 'norm' or 'linear'
+    pair: LinearPair | None  # None: s folds into the norm `source`
     max_abs: float
     best: dict[ActMode, Choice]
 
@@ -177,8 +179,8 @@ def _measure(x: torch.Tensor, w: torch.Tensor, x_max: np.ndarray, candidates: di
                 if e_r < e:
                     e, covered = e_r, full * r
         s = candidates[label]
-        source_scale = None if (s is None or tie is None) else s.reshape(tie[0], tie[1], -1)[:, 0, :].reshape(-1)
-        best[mode] = Choice(label, mode, e, err(xs, wq), covered, s, source_scale)
+        kv_side = None if (s is None or tie is None) else s.reshape(tie[0], tie[1], -1)[:, 0, :].reshape(-1)
+        best[mode] = Choice(label, mode, e, err(xs, wq), covered, s, kv_side)
     return best
 
 
@@ -197,16 +199,14 @@ def _choose(groups: list[Group], max_dynamic: float) -> dict[int, ActMode]:
     return mode
 
 
-def _readers(ctx: LayerContext) -> list[tuple[list[str], str, str, tuple[int, int] | None]]:
-    """(linears, where s folds, kind, GQA tie) per group of linears reading one input; kind 'skip': s cannot fold."""
+def _readers(ctx: LayerContext) -> list[tuple[list[str], str, LinearPair | None, tuple[int, int] | None]]:
+    """(linears, where s folds, the pair it folds across (None: a norm), GQA tie) per group reading one input."""
     p = ctx.prefix
-    readers: list[tuple[list[str], str, str, tuple[int, int] | None]] = []
+    readers: list[tuple[list[str], str, LinearPair | None, tuple[int, int] | None]] = []
     for group in ctx.spec.groups:
-        readers.append(([p + n for n in group.linears], p + group.norm, "norm", None))
+        readers.append(([p + n for n in group.linears], p + group.norm, None, None))
     for pair in ctx.spec.pairs:
-        consumer, producer = p + pair.consumer, p + pair.producer
-        tie = _pair_tie(pair, ctx.linears[consumer], ctx.linears[producer], ctx.config)
-        readers.append(([consumer], producer, "skip" if tie == "skip" else "linear", None if tie == "skip" else tie))
+        readers.append(([p + pair.consumer], p + pair.producer, pair, _pair_tie(ctx, pair)))
     return readers
 
 
@@ -228,13 +228,13 @@ def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
     """
     config.validate()
     groups: list[Group] = []
-    for names, source, kind, tie in _readers(ctx):
+    for names, source, pair, tie in _readers(ctx):
         x = ctx.observed[f"auto:{names[0]}"].tokens()
         w = torch.cat([ctx.linears[n].weight.detach().float().T for n in names], dim=1)
         x_max = ctx.stats[names[0]].channel_max_np()
         x_mean = ctx.stats[names[0]].channel_mean_np()
-        candidates = {"none": None} if kind == "skip" else _candidate_scales(x_max, x_mean, w, config, tie)
-        groups.append(Group(names, source, kind, float(x_max.max()), _measure(x, w, x_max, candidates, config, tie)))
+        candidates = _candidate_scales(x_max, x_mean, w, config, tie)
+        groups.append(Group(names, source, pair, float(x_max.max()), _measure(x, w, x_max, candidates, config, tie)))
 
     modes = _choose(groups, config.max_dynamic)
     plan = QuantPlan(method="auto", config=asdict(config), calibration=ctx.calibration)
@@ -243,8 +243,9 @@ def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
         other = group.best[ActMode.PER_TOKEN if modes[i] == ActMode.STATIC else ActMode.STATIC]
         eq = None
         if choice.scale is not None:
-            eq = Equalization(group.source, group.kind, group.names, choice.scale.astype(np.float32),
-                              choice.equalization, source_scale=choice.source_scale)
+            scale = choice.scale.astype(np.float32)
+            eq = (Equalization(group.source, "norm", group.names, scale, choice.equalization) if group.pair is None
+                  else pair_equalization(ctx, group.pair, scale, choice.equalization, choice.kv_side))
             plan.equalizations.append(eq)
         strategy = ("" if eq is None else choice.equalization + "+") + choice.act_mode.value
         forced = " (static: dynamic budget)" if modes[i] != min(group.best.values(), key=lambda c: c.error).act_mode else ""

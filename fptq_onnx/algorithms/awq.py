@@ -6,7 +6,7 @@ per-group clipping ratio on the scaled weights.
 
 Scale search, per norm -> linears group (q/k/v; gate/up) and per producer ->
 consumer pair (v -> o when the scale can be equal across the query heads sharing
-a KV head; up -> down):
+a KV head; up -> down; Phi-3: the v / up rows of its fused qkv_proj / gate_up_proj):
     s = mean|x|^α, normalised s / sqrt(max(s)·min(s)), α in {0, 1/grid, ..., (grid-1)/grid}
     loss(α) = ‖X W − (X/s) Q(s·W)‖²  summed over the group's linears' outputs
 (the group's linear outputs, concatenated: simpler than llm-awq's attention /
@@ -39,6 +39,8 @@ from fptq_onnx.algorithms.common import (
     apply_equalizations,
     check_group_size,
     expand_heads,
+    pair_equalization,
+    pair_rows,
 )
 from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.errors import FptqError
@@ -217,17 +219,15 @@ def search_clip(w: torch.Tensor, gram: torch.Tensor, config: Config) -> tuple[np
 # --------------------------------------------------------------------------- the plan
 
 
-def _pair_tie(pair: LinearPair, consumer: torch.nn.Linear, producer: torch.nn.Linear, cfg) -> tuple[int, int] | None | str:
-    """None: no tie needed; (kv, rep): tie across shared heads; 'skip': the scale cannot fold."""
-    if producer.out_features != consumer.in_features and not pair.per_head:
-        return "skip"
+def _pair_tie(ctx: LayerContext, pair: LinearPair) -> tuple[int, int] | None:
+    """(kv, rep): s tied across the query heads sharing a KV head (per_head pairs); None: no tie.
+
+    The shapes are checked first (`pair_rows`), so a tie always divides the consumer's channels.
+    """
+    pair_rows(ctx, pair)
     if not pair.per_head:
         return None
-    heads = cfg.num_attention_heads
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    k = consumer.in_features
-    if heads % kv or k % heads or producer.out_features * (heads // kv) != k:
-        return "skip"
+    heads, kv = ctx.heads
     return (kv, heads // kv)
 
 
@@ -254,18 +254,15 @@ def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
         for n in names:
             notes[n] = f"α={alpha:.2f} (output error {loss / max(rtn, 1e-30):.2f}x RTN)"
     for pair in ctx.spec.pairs:
-        consumer, producer = p + pair.consumer, p + pair.producer
-        tie = _pair_tie(pair, ctx.linears[consumer], ctx.linears[producer], ctx.config)
-        if tie == "skip":
-            notes[consumer] = f"no AWQ scale: cannot fold into {pair.producer}"
-            continue
+        consumer = p + pair.consumer
+        tie = _pair_tie(ctx, pair)
         st = stats[consumer]
         s, alpha, loss, rtn = search_scale([float_w[consumer]], st.gram, st.mean_abs, config, tie)
-        source_scale = None
+        kv_side = None
         if tie is not None:
-            source_scale = np.ascontiguousarray(s.reshape(tie[0], tie[1], -1)[:, 0, :].reshape(-1))
-            assert np.array_equal(expand_heads(source_scale, tie[0] * tie[1], tie[0]), s)
-        plan.equalizations.append(Equalization(producer, "linear", [consumer], s, "awq", source_scale=source_scale))
+            kv_side = np.ascontiguousarray(s.reshape(tie[0], tie[1], -1)[:, 0, :].reshape(-1))
+            assert np.array_equal(expand_heads(kv_side, tie[0] * tie[1], tie[0]), s)
+        plan.equalizations.append(pair_equalization(ctx, pair, s, "awq", kv_side))
         notes[consumer] = f"α={alpha:.2f} (output error {loss / max(rtn, 1e-30):.2f}x RTN), s folded into {pair.producer}"
 
     # Clip search on the equalized weights with the equalized inputs (Gram / s sᵀ), then quantize.

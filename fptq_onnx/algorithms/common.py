@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.calibration import LinearStats
 from fptq_onnx.errors import FptqError
 from fptq_onnx.models.registry import LinearPair
@@ -80,3 +81,34 @@ def expand_heads(kv_side: np.ndarray, num_heads: int, num_kv_heads: int) -> np.n
     head_dim = kv_side.size // num_kv_heads
     rep = num_heads // num_kv_heads
     return np.repeat(kv_side.reshape(num_kv_heads, 1, head_dim), rep, axis=1).reshape(-1)
+
+
+def pair_rows(ctx: LayerContext, pair: LinearPair) -> slice:
+    """The rows of `pair`'s producer that feed its consumer in this layer (LinearPair.producer_rows)."""
+    producer, consumer = ctx.linears[ctx.prefix + pair.producer], ctx.linears[ctx.prefix + pair.consumer]
+    rows = pair.producer_rows(producer.out_features, consumer.in_features, *ctx.heads)
+    if rows is None:
+        raise FptqError(f"cannot fold into {pair.producer}: its {producer.out_features} output rows do not pair "
+                        f"with the {consumer.in_features} input channels of {pair.consumer} (rows={pair.rows!r})")
+    return rows
+
+
+def pair_equalization(ctx: LayerContext, pair: LinearPair, scale: np.ndarray, method: str,
+                      kv_side: np.ndarray | None = None) -> Equalization:
+    """`scale` folded across `pair`: the consumer's input channels times s, the producer rows feeding them over s.
+
+    `kv_side`: s per producer channel where it differs from `scale` (per_head: one per
+    KV-head channel). A fused producer's other rows (Phi-3's q and k, gate) get 1, so
+    the outputs the consumer does not read keep their values.
+    """
+    rows = pair_rows(ctx, pair)
+    side = scale if kv_side is None else kv_side
+    out = ctx.linears[ctx.prefix + pair.producer].out_features
+    if side.size != rows.stop - rows.start:
+        raise FptqError(f"{method} scale for {pair.producer} has {side.size} channels, its rows {rows.start}:{rows.stop}")
+    source_scale = kv_side
+    if rows != slice(0, out):
+        source_scale = np.ones(out, np.float32)
+        source_scale[rows] = side
+    return Equalization(ctx.prefix + pair.producer, "linear", [ctx.prefix + pair.consumer], scale, method,
+                        source_scale=source_scale)

@@ -8,7 +8,8 @@ LAE needs somewhere to fold 1/s. Norm-fed linears (q/k/v, gate/up) fold it into
 the norm; o_proj and down_proj have no norm in front, so by default they fall back
 to per-token. `fold_pairs` is our extension: fold their s into the producing
 linear's output rows (up_proj for down_proj; v_proj for o_proj when equal across
-the query heads sharing a KV head).
+the query heads sharing a KV head; a fused producer's slice of rows, Phi-3's v of
+qkv_proj and up of gate_up_proj, see LinearPair.rows).
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from fptq_onnx.algorithms.common import (
     clipped_static_scale,
     expand_heads,
     grouped_head_scale,
+    pair_equalization,
+    pair_rows,
 )
 from fptq_onnx.algorithms.gptq import GptqSettings
 from fptq_onnx.algorithms.layer import LayerContext
@@ -89,17 +92,18 @@ def plan_layer(ctx: LayerContext, config: Config) -> QuantPlan:
             for name in names:
                 plan.linears[name] = per_token(name, f"max {m:.1f} >= v1={config.v1:g}")
     for pair in ctx.spec.pairs:
-        name, producer = prefix + pair.consumer, prefix + pair.producer
+        name = prefix + pair.consumer
         m = stats[name].max_abs
         if m < config.v0:
             plan.linears[name] = static(name, "static", None, f"max {m:.1f} < v0={config.v0:g}")
-        elif m < config.v1 and config.fold_pairs and pair.foldable:
+        elif m < config.v1 and config.fold_pairs:
             producer_side = lae_scales(grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads))
             consumer_side = expand_heads(producer_side, heads, kv_heads) if pair.per_head else producer_side
-            eq = Equalization(producer, "linear", [name], consumer_side, "lae",
-                              source_scale=producer_side if pair.per_head else None)
+            eq = pair_equalization(ctx, pair, consumer_side, "lae", producer_side if pair.per_head else None)
             plan.equalizations.append(eq)
-            plan.linears[name] = static(name, "lae+static", eq, f"v0 <= max {m:.1f} < v1; s folded into {pair.producer} rows")
+            rows = pair_rows(ctx, pair)
+            plan.linears[name] = static(name, "lae+static", eq, f"v0 <= max {m:.1f} < v1; s folded into {pair.producer} "
+                                        f"rows {rows.start}:{rows.stop}")
         elif m < config.v1:
             plan.linears[name] = per_token(name, f"v0 <= max {m:.1f} < v1 but no norm to fold LAE into (--fold-pairs folds into {pair.producer})")
         else:

@@ -6,7 +6,8 @@ with max|W_j| over every consumer's weights of input channel j. X becomes X / s
 (folded into the norm weight) and W becomes W * s, so the float function is
 unchanged while the activation range flattens. `fold_pairs` also smooths
 down_proj (s folded into up_proj's output rows) and o_proj (into v_proj's rows,
-s tied across the query heads sharing one KV head).
+s tied across the query heads sharing one KV head; a fused producer's slice of
+rows: Phi-3's up half of gate_up_proj, v rows of qkv_proj).
 
 Weights: bits=8 -> int8 per output channel symmetric (W8A8); bits=4 -> int4 g128
 symmetric (W4A8). Activations: per-token dynamic int8 on every linear (the
@@ -25,6 +26,7 @@ from fptq_onnx.algorithms.common import (
     clipped_static_scale,
     expand_heads,
     grouped_head_scale,
+    pair_equalization,
 )
 from fptq_onnx.algorithms.layer import LayerContext
 from fptq_onnx.algorithms.rtn import parse_optional_bool, quantize_all, weight_grouping
@@ -83,14 +85,13 @@ def smoothing(ctx: LayerContext, alpha: float, fold_pairs: bool = False) -> list
         out.append(Equalization(prefix + group.norm, "norm", names, s, "smoothquant"))
     if not fold_pairs:
         return out
-    for pair in (pair for pair in ctx.spec.pairs if pair.foldable):
-        name, producer = prefix + pair.consumer, prefix + pair.producer
+    for pair in ctx.spec.pairs:
+        name = prefix + pair.consumer
         x_max = grouped_head_scale(stats[name].channel_max_np(), pair, heads, kv_heads)
         w_max = grouped_head_scale(weight_input_max([weights[name]]), pair, heads, kv_heads)
         producer_side = smooth_scales(x_max, w_max, alpha)
         consumer_side = expand_heads(producer_side, heads, kv_heads) if pair.per_head else producer_side
-        out.append(Equalization(producer, "linear", [name], consumer_side, "smoothquant",
-                                source_scale=producer_side if pair.per_head else None))
+        out.append(pair_equalization(ctx, pair, consumer_side, "smoothquant", producer_side if pair.per_head else None))
     return out
 
 

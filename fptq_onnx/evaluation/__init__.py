@@ -12,7 +12,8 @@ Task names accepted by :func:`evaluate` (the table is :mod:`.registry`):
 * ``wikitext2`` / ``c4`` -- windowed perplexity (C4 by the GPTQ protocol: documents
   joined with spaces, the first 256 windows);
 * ``lambada_openai`` (alias ``lambada``), ``piqa``, ``arc_easy``, ``winogrande``,
-  ``mmlu`` (0- or k-shot, per-subject and averaged);
+  ``mmlu`` (0- or k-shot, per-subject and averaged; ``mmlu@5shot`` is the 5-shot
+  task under a name of its own);
 * any name ending in ``.txt`` / ``.jsonl``: a local file, relative to the data
   dir or absolute, scored by the schema its fields fit (a ``{"text"}`` corpus ->
   perplexity; ``{"query", "choices", "gold"}`` or cais/mmlu ``{"question",
@@ -21,6 +22,7 @@ Task names accepted by :func:`evaluate` (the table is :mod:`.registry`):
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from typing import Any
@@ -28,7 +30,7 @@ from typing import Any
 from fptq_onnx.errors import FptqError
 from fptq_onnx.evaluation.data import ENV_VAR, describe_fields
 from fptq_onnx.evaluation.perplexity import Scorer
-from fptq_onnx.evaluation.registry import MMLU, TASKS, canonical_name, known_tasks, resolve_task, task_spec
+from fptq_onnx.evaluation.registry import MMLU, TASKS, canonical_name, known_tasks, resolve_task, split_shots, task_spec
 from fptq_onnx.evaluation.tasks import RunOptions
 
 __all__ = ["ENV_VAR", "Scorer", "TASKS", "evaluate", "is_perplexity_task", "known_tasks", "task_columns"]
@@ -68,7 +70,8 @@ def evaluate(
     them (default: all; C4: the first 256). ``seqlen`` is the perplexity
     window; ``max_length`` is the model's maximum context (tasks truncate their
     context from the left to fit it; a ``seqlen`` above it is an error).
-    ``num_fewshot`` applies to MMLU-schema tasks. Names, files, schemas and
+    ``num_fewshot`` applies to MMLU-schema tasks named without ``@Kshot`` (a name
+    with it carries its own; both at once is an error). Names, files, schemas and
     options are all checked before the first task runs, so a typo fails in a
     second rather than after an hour. Each result also carries its wall time and
     rate (``items_per_s``, or ``windows_per_s`` for a corpus).
@@ -84,6 +87,10 @@ def evaluate(
     if num_fewshot and not any(spec.schema is MMLU for spec, _ in resolved):
         raise FptqError(f"--num-fewshot applies to MMLU-schema tasks (mmlu, or a file of {describe_fields(MMLU.fields)}); "
                         f"none of {', '.join(names)} is one")
+    named = [t for t in tasks if split_shots(t)[1] is not None]
+    if num_fewshot and named:
+        raise FptqError(f"--num-fewshot {num_fewshot} and {', '.join(named)} both set the exemplars; "
+                        "give them one way (mmlu@5shot, or --task mmlu --num-fewshot 5)")
     if any(spec.schema.is_perplexity for spec, _ in resolved) and max_length is not None and seqlen > max_length:
         raise FptqError(
             f"seqlen {seqlen} is larger than the model's maximum context {max_length}; pass a smaller --seqlen"
@@ -93,7 +100,8 @@ def evaluate(
     results: dict[str, dict[str, Any]] = {}
     for spec, path in resolved:
         start = time.perf_counter()
-        result = spec.schema.run(scorer, tokenizer, path, spec, opts)
+        task_opts = opts if spec.num_fewshot is None else dataclasses.replace(opts, num_fewshot=spec.num_fewshot)
+        result = spec.schema.run(scorer, tokenizer, path, spec, task_opts)
         seconds = time.perf_counter() - start
         rate = "windows_per_s" if spec.schema.is_perplexity else "items_per_s"
         results[spec.name] = {**result, "seconds": round(seconds, 2), rate: round(result["n"] / seconds, 3)}

@@ -89,7 +89,8 @@ def run_mmlu(scorer: Scorer, tokenizer: Any, path: Path, task: TaskSpec, opts: R
     for subject, items in groups.items():
         if len(items) <= k:
             where = f"subject {subject!r}" if subject else "the file"
-            raise FptqError(f"{path}: {where} has {len(items)} questions; --num-fewshot {k} needs at least {k + 1}")
+            raise FptqError(f"{path}: {where} has {len(items)} questions; "
+                            f"{k}-shot (--num-fewshot {k} or @{k}shot) needs at least {k + 1}")
         scored = items[k:] if opts.limit is None else items[k : k + opts.limit]
         jobs += [(subject, build_context(subject, items[:k], item), item) for item in scored]
     hits: dict[str, list[bool]] = {subject: [] for subject in groups}

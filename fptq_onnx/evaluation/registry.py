@@ -6,11 +6,18 @@ tasks name a file in the data directory; any other ``.txt``/``.jsonl`` name is a
 local file whose schema is detected from the fields of its first row, so a
 user's own multiple-choice file is scored the way the built-in task of the same
 layout is. ``compare`` reads its table columns from here.
+
+A task name may end in ``@Kshot`` (``mmlu@5shot``, ``my_mmlu.jsonl@5shot``): the
+MMLU-schema task with K exemplars per subject, a task (result key, table column
+"MMLU 5-shot acc", cache entry) of its own beside the 0-shot one, so one
+``compare --tasks`` list can ask for both.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 from pathlib import Path
 
 from fptq_onnx.errors import FptqError
@@ -52,6 +59,8 @@ TASKS: dict[str, TaskSpec] = {
     )
 }
 ALIASES: dict[str, str] = {"lambada": "lambada_openai"}
+SHOTS = re.compile(r"(\d+)shot")
+"""The ``@`` suffix of a task name: its MMLU exemplars per subject."""
 
 _LOCAL: dict[str, TaskSpec] = {}  # local file name -> the spec it was last resolved to (for table columns)
 
@@ -65,8 +74,35 @@ def is_local_file(name: str) -> bool:
     return name.endswith((".txt", ".jsonl"))
 
 
+def split_shots(name: str) -> tuple[str, int | None]:
+    """'mmlu@5shot' -> ('mmlu', 5); a name without an ``@Kshot`` suffix -> (name, None).
+
+    A local file's own path may hold '@' (it still ends in .txt/.jsonl), so only a
+    name that does not is split, at its last '@'.
+    """
+    if is_local_file(name) or "@" not in name:
+        return name, None
+    base, _, suffix = name.rpartition("@")
+    match = SHOTS.fullmatch(suffix)
+    if not match or not base:
+        raise FptqError(f"task {name!r}: the part after '@' must be Kshot with K a whole number, e.g. mmlu@5shot")
+    return base, int(match.group(1))
+
+
 def canonical_name(name: str) -> str:
-    """The registered name for ``name`` (aliases resolved) or the local file name; error otherwise."""
+    """The registered name for ``name`` (aliases resolved) or the local file name; error otherwise.
+
+    ``@Kshot`` is kept (``@0shot`` dropped: it is the plain task); on a registered
+    task of another schema it is an error here, before any file is looked for.
+    """
+    base, shots = split_shots(name)
+    if shots is not None:
+        base = canonical_name(base)
+        if shots == 0:
+            return base
+        if base in TASKS:
+            with_shots(TASKS[base], f"{base}@{shots}shot")
+        return f"{base}@{shots}shot"
     if is_local_file(name):
         return name
     canonical = ALIASES.get(name, name)
@@ -93,9 +129,24 @@ def detect_schema(path: Path) -> Schema:
     raise FptqError(f"{path}: fields {{{', '.join(sorted(fields))}}} fit no known task schema; expected one of {known}")
 
 
+def with_shots(spec: TaskSpec, name: str) -> TaskSpec:
+    """``spec`` as the task ``name`` (``BASE@Kshot``): K exemplars, its own result key and title."""
+    shots = split_shots(name)[1]
+    if shots is None:
+        return spec
+    if spec.schema is not MMLU:
+        raise FptqError(f"task {name!r}: @Kshot applies to MMLU-schema tasks (mmlu, or a file of "
+                        f"{describe_fields(MMLU.fields)}); {spec.name} is scored as {spec.schema.what}")
+    return dataclasses.replace(spec, name=name, title=f"{spec.title} {shots}-shot", num_fewshot=shots)
+
+
 def resolve_task(name: str, data_dir: str | os.PathLike[str] | None = None) -> tuple[TaskSpec, Path]:
     """The task spec for ``name`` and its data file, which must exist (``data_dir`` or ``$FPTQ_DATA_DIR``)."""
     name = canonical_name(name)
+    base = split_shots(name)[0]
+    if base != name:
+        spec, path = resolve_task(base, data_dir)
+        return with_shots(spec, name), path
     root = resolve_data_dir(data_dir) if needs_data_dir(name) else Path("/")
     if name in TASKS:
         spec = TASKS[name]
@@ -109,4 +160,5 @@ def resolve_task(name: str, data_dir: str | os.PathLike[str] | None = None) -> t
 def task_spec(name: str) -> TaskSpec:
     """The spec of a registered task, or of a local file as last resolved (detected now if never)."""
     name = canonical_name(name)
-    return TASKS.get(name) or _LOCAL.get(name) or resolve_task(name)[0]
+    base = split_shots(name)[0]
+    return with_shots(TASKS.get(base) or _LOCAL.get(base) or resolve_task(base)[0], name)

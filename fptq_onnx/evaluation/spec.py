@@ -35,6 +35,7 @@ class TaskSpec:
     schema: Schema
     windows: int | None = None  # corpus: windows scored by default (None = all)
     joiner: str = "\n\n"  # corpus: how rows are joined before tokenizing
+    num_fewshot: int | None = None  # MMLU schema: exemplars fixed by the name (``mmlu@5shot``); None = the run's
 
     @property
     def columns(self) -> list[tuple[str, str]]:

@@ -50,7 +50,7 @@ def _equalized_float(model, spec, equalizations):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3"])
 @pytest.mark.parametrize("fold_pairs", [False, True])
 def test_smoothing_alone_preserves_the_float_function(tiny_models, arch, fold_pairs):
     model, spec, calib = _setup(tiny_models, arch)

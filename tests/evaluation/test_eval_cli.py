@@ -67,3 +67,26 @@ def test_compare_scores_mmlu_c4_and_a_local_choice_file(tiny_checkpoint: Path, t
     assert "| MMLU acc | C4 ppl | ppl / fp32 | mine.jsonl acc | mine.jsonl acc_norm |" in res.stdout
     results = json.loads((out / "results.json").read_text())["methods"]["fp32"]["results"]
     assert results["mmlu"]["n"] == 2 and results["c4"]["n"] == 2 and results[str(mine)]["n"] == 1
+
+
+def test_compare_mmlu_5shot_beside_0shot_cached_per_task(tiny_checkpoint: Path, tmp_path: Path, cli) -> None:
+    """mmlu@5shot is a column and a cache entry of its own: added to a finished run, only it is scored."""
+    data = tmp_path / "data"
+    write_jsonl(data / "tasks" / "mmlu.jsonl", [
+        {"subject": s, "question": f"what is {w} {i} ?", "choices": ["one", "two", "three", "four"], "answer": i % 4}
+        for s in ("world", "tests") for i, w in enumerate(["the fox", "paris"] * 3)])
+    out = tmp_path / "cmp"
+    common = ("compare", tiny_checkpoint, "--out", out, "--methods", "fp32", "--item-limit", "1",
+              "--calib", "random", "--data-dir", data)
+    first = cli(*common, "--tasks", "mmlu")
+    assert first.code == 0, first.stderr
+    res = cli(*common, "--tasks", "mmlu,mmlu@5shot")
+    assert res.code == 0, res.stderr
+    assert "| MMLU acc | MMLU 5-shot acc |" in res.stdout
+    assert "reusing the existing scores (mmlu)" in res.stderr and "ONNX Runtime (mmlu@5shot)" in res.stderr
+    results = json.loads((out / "results.json").read_text())["methods"]["fp32"]["results"]
+    assert (results["mmlu"]["num_fewshot"], results["mmlu@5shot"]["num_fewshot"]) == (0, 5)
+    assert results["mmlu"]["n"] == results["mmlu@5shot"]["n"] == 2  # one per subject (--item-limit 1)
+    bad = cli(*common, "--tasks", "mmlu,piqa@5shot")
+    assert bad.code == 1 and len(bad.error_lines) == 1 and "Traceback" not in bad.stderr
+    assert bad.error_lines[0].startswith("error: task 'piqa@5shot': @Kshot applies to MMLU-schema tasks")

@@ -395,7 +395,7 @@ def test_mmlu_limit_is_per_subject_after_the_exemplars(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tasks, k, pattern", [
-    (["mmlu"], 2, r"subject 'anatomy' has 2 questions; --num-fewshot 2 needs at least 3"),
+    (["mmlu"], 2, r"subject 'anatomy' has 2 questions; 2-shot \(--num-fewshot 2 or @2shot\) needs at least 3"),
     (["piqa"], 5, r"--num-fewshot applies to MMLU-schema tasks.*none of piqa"),
     (["mmlu"], -1, r"--num-fewshot must be >= 0"),
 ])
@@ -404,6 +404,44 @@ def test_mmlu_fewshot_errors(tmp_path: Path, tasks: list[str], k: int, pattern: 
     write_jsonl(tmp_path / "tasks" / "piqa.jsonl", MC)
     with pytest.raises(FptqError, match=pattern):
         evaluate(uniform_scorer, TOK, tasks, tmp_path, num_fewshot=k, progress=False)
+
+
+def test_kshot_task_name_is_the_fewshot_task_under_its_own_name(tmp_path: Path) -> None:
+    """mmlu@1shot scores as --num-fewshot 1 does, beside plain mmlu, with a title and key of its own."""
+    from fptq_onnx.compare_report import table_columns
+    from fptq_onnx.evaluation.registry import canonical_name
+
+    write_jsonl(tmp_path / "tasks" / "mmlu.jsonl", MMLU_ROWS)
+    mine = write_jsonl(tmp_path / "mine.jsonl", MMLU_ROWS)
+    assert [canonical_name(t) for t in ("mmlu@5shot", "mmlu@0shot", f"{mine}@2shot")] == [
+        "mmlu@5shot", "mmlu", f"{mine}@2shot"]
+    texts = [mmlu_context(r["subject"], MMLU_ROWS[:1] if r in MMLU_ROWS[:6] else MMLU_ROWS[6:7], r) + " "
+             + "ABCD"[r["answer"]] for r in MMLU_ROWS[1:6] + MMLU_ROWS[7:]]
+    res = evaluate(oracle_scorer(texts), TOK, ["mmlu", "mmlu@1shot", f"{mine}@1shot"], tmp_path, progress=False)
+    assert list(res) == ["mmlu", "mmlu@1shot", f"{mine}@1shot"]
+    one_shot = run_task("mmlu", oracle_scorer(texts), TOK, tmp_path, num_fewshot=1)
+    assert metrics(res["mmlu@1shot"]) == metrics(one_shot) == metrics(res[f"{mine}@1shot"])
+    assert res["mmlu@1shot"]["acc"] == 1.0 and res["mmlu@1shot"]["num_fewshot"] == 1
+    assert res["mmlu"]["num_fewshot"] == 0 and res["mmlu"]["n"] == len(MMLU_ROWS)
+    assert table_columns(["mmlu", "mmlu@5shot"]) == [("mmlu", "acc", "MMLU acc"),
+                                                     ("mmlu@5shot", "acc", "MMLU 5-shot acc")]
+
+
+@pytest.mark.parametrize("task, k, pattern", [
+    ("mmlu@five", 0, r"task 'mmlu@five': the part after '@' must be Kshot .*e\.g\. mmlu@5shot"),
+    ("mmlu@5", 0, r"the part after '@' must be Kshot"),
+    ("@5shot", 0, r"the part after '@' must be Kshot"),
+    ("squad@5shot", 0, r"unknown task 'squad'"),
+    ("piqa@5shot", 0, r"task 'piqa@5shot': @Kshot applies to MMLU-schema tasks.*piqa is scored as multiple choice"),
+    ("mmlu@2shot", 0, r"subject 'anatomy' has 2 questions; 2-shot"),
+    ("mmlu@1shot", 1, r"--num-fewshot 1 and mmlu@1shot both set the exemplars"),
+])
+def test_bad_kshot_task_names(tmp_path: Path, task: str, k: int, pattern: str) -> None:
+    write_jsonl(tmp_path / "tasks" / "mmlu.jsonl", MMLU_ROWS)
+    write_jsonl(tmp_path / "tasks" / "piqa.jsonl", MC)
+    with pytest.raises(FptqError, match=pattern) as info:
+        evaluate(uniform_scorer, TOK, [task], tmp_path, num_fewshot=k, progress=False)
+    assert "\n" not in str(info.value)
 
 
 # ---- local files: schema detected by fields ------------------------------------------------------

@@ -7,6 +7,7 @@
 #endif
 
 #include <algorithm>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
@@ -179,6 +180,21 @@ struct QuantJob {
   }
 };
 
+// Copies 32-row blocks of q (rows Kq bytes apart) into AMX A-tile order.
+struct TileOrderJob {
+  const int8_t* q;
+  int8_t* qt;
+  int64_t Kq;
+  static void Run(void* p, size_t i) {
+    auto* j = static_cast<TileOrderJob*>(p);
+    const int64_t rb = static_cast<int64_t>(i) * 32;
+    int8_t* dst = j->qt + rb * j->Kq;
+    for (int64_t c = 0; c < j->Kq; c += 64) {
+      for (int64_t r = 0; r < 32; ++r, dst += 64) std::memcpy(dst, j->q + (rb + r) * j->Kq + c, 64);
+    }
+  }
+};
+
 struct TileJob {
   const detail::TileArgs* args;
   detail::TileFn fn;
@@ -228,8 +244,19 @@ void W4A8Compute(Isa isa, const W4A8Problem& pb, const Parallel& parallel) {
     kern.quantize(qa, 0, M);
   }
 
+  std::unique_ptr<int8_t[]> q_tiles;
+  if (gemm) {  // 64-byte aligned (the A tile loads): over-allocate and round up
+    q_tiles.reset(new int8_t[static_cast<size_t>(q_rows * Kq + 64)]);
+  }
+  int8_t* qt = gemm ? reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(q_tiles.get()) + 63) & ~uintptr_t{63})
+                    : nullptr;
+  if (gemm) {
+    TileOrderJob tj{q.get(), qt, Kq};
+    parallel.For(&TileOrderJob::Run, static_cast<size_t>(q_rows / 32), &tj);
+  }
+
   detail::TileArgs ta{at.K, at.N, G, at.n_groups(), Kq, qsum_stride, pb.B, B_packed, pb.qp,
-                      q.get(), qsum.get(), sa.get(), pb.bias, pb.Y};
+                      q.get(), qsum.get(), sa.get(), pb.bias, pb.Y, qt};
   const int64_t n_panels = pb.qp->n_panels;
   TileJob job{&ta, gemm ? kern.gemm : kern.tile, M, n_panels, 0, 0, 0};
   if (gemm) {

@@ -109,6 +109,9 @@ struct TileArgs {
   const float* sa;
   const float* bias;
   float* Y;
+  // gemm only: q in AMX A-tile order, [q rows / 32][Kq / 64][32 rows][64 bytes]
+  // (each 16 x 64 tile contiguous), laid out once per call by the driver.
+  const int8_t* q_tiles;
 };
 
 using QuantizeRowsFn = void (*)(const QuantArgs&, int64_t r0, int64_t r1);
@@ -121,7 +124,8 @@ struct IsaKernels {
   bool needs_packed_b;     // tile reads TileArgs::B_packed
   int panel;               // PanelWidth of the packed layouts it reads
   // Optional cache-blocked GEMM tile for M >= kAmxMinRows (AMX): called with row
-  // blocks starting at multiples of 32 and q zero padded to a multiple of 32 rows.
+  // blocks starting at multiples of 32, reads TileArgs::q_tiles (q zero padded to a
+  // multiple of 32 rows).
   TileFn gemm;
 };
 

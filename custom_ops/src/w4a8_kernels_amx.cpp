@@ -2,11 +2,12 @@
 // the avx512vnni512 kernels).  A task (<= 256 rows x a few panels of 16 columns,
 // sized by the driver so that its unpacked weights stay in L2) unpacks its int4
 // weights once, for all K, into int8 AMX B tiles (w - zero point, so tdpbssd
-// gives the contract's isum directly).  Then per 32-row block it packs the
-// quantized activations (rows zero padded to a multiple of 32 by the driver) into
-// contiguous 16 x 64 A tiles, one K chunk of whole groups at a time (kept in L1
-// for all column pairs), and per 32-column pair runs 2 x 2 tdpbssd tiles along
-// the chunk, the C tiles staying in registers within a group.  At each group end
+// gives the contract's isum directly).  The driver lays the quantized
+// activations out once per call in A-tile order (rows zero padded to a multiple
+// of 32; each 16 x 64 tile contiguous).  Per 32-row block, per K chunk of whole
+// groups (its A tiles kept in L1 for all column pairs), per 32-column pair it
+// runs 2 x 2 tdpbssd tiles along the chunk, the C tiles staying in registers
+// within a group.  At each group end
 // the int32 tiles are stored and folded into the block's float accumulators:
 // acc = fma(float(isum_g), scale_g, acc) in group order, then y = fma(acc, s_a,
 // bias) -- the same float operations as the zmm kernels.
@@ -85,22 +86,6 @@ FPTQ_TGT_AMX static void UnpackWeights(const TileArgs& a, int64_t p0, int64_t p1
         _mm512_store_si512(dst, _mm512_sub_epi8(_mm512_and_si512(v, m4), zpv));
         _mm512_store_si512(dst + 64, _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), m4), zpv));
       }
-    }
-  }
-}
-
-// abuf[(k - k0) / kstep][32 rows][kstep] = q rows rb..rb+31, k in [k0, k1):
-// each A tile one contiguous 16 x kstep block (q's own rows are Kq bytes apart).
-FPTQ_TGT_AMX static void PackActivations(const TileArgs& a, int64_t rb, int64_t k0, int64_t k1, int64_t kstep,
-                                         int8_t* abuf) {
-  for (int r = 0; r < 32; ++r) {
-    const int8_t* src = a.q + (rb + r) * a.Kq;
-    if (kstep == 64) {
-      for (int64_t k = k0; k < k1; k += 64)
-        _mm512_store_si512(abuf + (k - k0) * 32 + 64 * r, _mm512_loadu_si512(src + k));
-    } else {
-      for (int64_t k = k0; k < k1; k += kstep)
-        std::memcpy(abuf + (k - k0) * 32 + kstep * r, src + k, static_cast<size_t>(kstep));
     }
   }
 }
@@ -198,13 +183,12 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
 
   // The task's weights unpacked once for all K (per-thread scratch, reused by
   // later tasks; L2 sized by the driver's panel block), then per 32-row block and
-  // per K chunk of whole groups (kc >= 256) the activations packed into abuf
-  // (L1), used by every column pair; float accumulators of the 32-row block in L1.
+  // per K chunk of whole groups (kc >= 256) its A tiles (L1), used by every
+  // column pair; float accumulators of the 32-row block in L1.
   const int64_t kc = std::max<int64_t>(256, G), n_cols = 2 * n_pairs * kP;
-  thread_local std::vector<int8_t> w_store, a_store;
+  thread_local std::vector<int8_t> w_store;
   thread_local std::vector<float> f_store;
   int8_t* wbuf = Align64(&w_store, static_cast<size_t>(2 * n_pairs * Kp * 16));
-  int8_t* abuf = Align64(&a_store, static_cast<size_t>(32 * kc));
   float* facc = Align64(&f_store, static_cast<size_t>(32 * n_cols));
   UnpackWeights(a, p0, p1, wbuf);
   if ((p1 - p0) % 2) std::memset(wbuf + (p1 - p0) * Kp * 16, 0, static_cast<size_t>(Kp * 16));  // pad panel: w = 0
@@ -212,9 +196,9 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
 
   for (int64_t ms = 0; ms < n_msub; ++ms) {
     const int64_t rb = r0 + 32 * ms;
+    const int8_t* qt = a.q_tiles + rb * a.Kq;  // the block's A tiles, [Kq / 64][32 rows][64]
     for (int64_t k0 = 0; k0 < Kp; k0 += kc) {
       const int64_t k1 = std::min(k0 + kc, Kp);
-      PackActivations(a, rb, k0, k1, kstep, abuf);
       for (int64_t pr = 0; pr < n_pairs; ++pr) {
         const int8_t* b0 = wbuf + 2 * pr * Kp * 16;
         const int8_t* b1 = b0 + Kp * 16;
@@ -225,16 +209,17 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
         // A group's sums are folded into facc only after the next group's first
         // tdpbssd are issued, so the vector work overlaps the tile unit's.
         int64_t pending = -1;  // group whose sums wait in cbuf[pending % 2]
+        const int64_t p = p0 + 2 * pr;
         float* fp = facc + 2 * pr * kP;
         for (int64_t k = k0; k < k1; k += kstep) {
           if (k % G == 0) {  // the group's scales, read by its fold (they fall out of L1 between row blocks)
-            const float* sc = a.qp->scales.data() + ((p0 + 2 * pr) * a.n_groups + k / G) * kP;
+            const float* sc = a.qp->scales.data() + (p * a.n_groups + k / G) * kP;
             _mm_prefetch(reinterpret_cast<const char*>(sc), _MM_HINT_T0);
-            if (p0 + 2 * pr + 1 < p1) _mm_prefetch(reinterpret_cast<const char*>(sc + a.n_groups * kP), _MM_HINT_T0);
+            if (p + 1 < p1) _mm_prefetch(reinterpret_cast<const char*>(sc + a.n_groups * kP), _MM_HINT_T0);
           }
-          const int8_t* at = abuf + (k - k0) * 32;
-          _tile_loadd(4, at, kstep);
-          _tile_loadd(5, at + 16 * kstep, kstep);
+          const int8_t* at = qt + (k / 64) * 2048 + k % 64;  // kstep divides 64
+          _tile_loadd(4, at, 64);
+          _tile_loadd(5, at + 1024, 64);
           _tile_loadd(6, b0 + k * 16, 64);
           _tile_loadd(7, b1 + k * 16, 64);
           _tile_dpbssd(0, 4, 6);
@@ -242,7 +227,7 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
           _tile_dpbssd(2, 5, 6);
           _tile_dpbssd(3, 5, 7);
           if (pending >= 0) {
-            FoldGroup(a, rb, r1, p0 + 2 * pr, p1, pending, cbuf + (pending % 2) * 4 * kTileInts, fp, n_cols);
+            FoldGroup(a, rb, r1, p, p1, pending, cbuf + (pending % 2) * 4 * kTileInts, fp, n_cols);
             pending = -1;
           }
           if ((k + kstep) % G == 0) {
@@ -250,7 +235,7 @@ FPTQ_TGT_AMX static void GemmTile(const TileArgs& a, int64_t r0, int64_t r1, int
             StoreAndZeroC(cbuf + (pending % 2) * 4 * kTileInts);
           }
         }
-        if (pending >= 0) FoldGroup(a, rb, r1, p0 + 2 * pr, p1, pending, cbuf + (pending % 2) * 4 * kTileInts, fp, n_cols);
+        if (pending >= 0) FoldGroup(a, rb, r1, p, p1, pending, cbuf + (pending % 2) * 4 * kTileInts, fp, n_cols);
       }
     }
   }

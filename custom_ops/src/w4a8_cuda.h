@@ -76,8 +76,8 @@ struct Problem {
 };
 
 // Auto rule (force_path 0), as a force_path value: 5 for M <= 8, 1 for M <= 16, 7 on sm_90 for
-// M >= kWgmmaMinM (groups >= 128), else 4.  Measured crossovers in CUDA_NOTES.md v6.
-constexpr int64_t kWgmmaMinM = 512;
+// M >= kWgmmaMinM (groups >= 128), else 4.  Measured crossovers in CUDA_NOTES.md v6 / v6.1.
+constexpr int64_t kWgmmaMinM = 128;
 int AutoPath(const Dims& d, int64_t M);
 
 std::string Run(const Problem& p, void* stream);

@@ -20,8 +20,12 @@
 // units; the producer runs ahead across unit boundaries.  Per group the
 // accumulators start at the bits of 1.5 * 2^23 (groups <= 128), so the int32 ->
 // float conversion of the group sum is one FADD; then one FFMA with scale / 16.
-// The two warpgroups drift half a group apart, so one warpgroup's rescaling
-// overlaps the other's wgmma.
+// Schedules (template PP): free-running (PP = false, force_path 7), both warpgroups issue their
+// wgmmas as soon as a stage is full, so they tend to run in lock step (their wgmmas interleave on the
+// tensor cores, both finish together, both rescale while the tensor cores idle); ping-pong (PP = true,
+// force_path 10, CUDA_NOTES.md v7), two named barriers hand the wgmma issue back and forth, so the
+// tensor cores run one warpgroup's wgmmas while the other rescales (or stores its epilogue).  Same
+// instructions on the same data in the same order per output element: bit-identical results.
 #include "w4a8_cuda_wgmma.h"
 
 #include <cuda_runtime.h>
@@ -231,6 +235,20 @@ __device__ __forceinline__ void RegsInc() { asm volatile("setmaxnreg.inc.sync.al
 __device__ __forceinline__ void WgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgWait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Named barriers of the ping-pong schedule (id 0 is __syncthreads): the two consumer warpgroups, 256 threads.
+// NamedSync's wait is predicated (no branch): ptxas serialises the wgmmas (C7520) when a branch
+// precedes them inside the loop.
+__device__ __forceinline__ void NamedSync(int id, bool wait) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %2, 0;\n"
+      "@p bar.sync %0, %1;\n"
+      "}\n" ::"r"(id),
+      "n"(kConsumerThreads), "r"(static_cast<int>(wait))
+      : "memory");
+}
+__device__ __forceinline__ void NamedArrive(int id) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kConsumerThreads) : "memory"); }
 
 // Shared-memory matrix descriptor: K-major, no swizzle; LBO = bytes between the two
 // k16 core matrices of a k32 step, SBO = bytes between 8-token core-matrix rows.
@@ -279,8 +297,9 @@ __device__ __forceinline__ Unit GetUnit(int u, int NB, int splits, int nu, int U
 #endif  // FPTQ_WGMMA_DEVICE
 
 // QS: k32 steps per rescaling (Gp / 32 for groups <= 128, else 4 with the int32 sum carried over the
-// group's U = Gp / 128 k-blocks); MAGIC: groups <= 128 (magic-number int -> float conversion).
-template <bool ZP, int QS, bool MAGIC>
+// group's U = Gp / 128 k-blocks); MAGIC: groups <= 128 (magic-number int -> float conversion);
+// PP: the ping-pong schedule (file comment).
+template <bool ZP, int QS, bool MAGIC, bool PP>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     WgmmaPrefillKernel(Dims d, int M, int Mp, const int8_t* __restrict__ qT, const float* __restrict__ sa,
                        const int* __restrict__ qsT, Packed w, const float* __restrict__ bias, float* __restrict__ Y,
@@ -334,6 +353,11 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // consumers: warp w owns 16-column tile w of the block's 128 columns (warpgroup w / 4: m64 rows)
   RegsInc<kConsumerRegs>();
   const int g = lane >> 2, t = lane & 3;
+  // ping-pong: warpgroup wg waits on barrier 1 + wg for its turn to issue a burst (the wgmmas of one
+  // rescaling) and, once they are issued, opens barrier 2 - wg for the other one, so the bursts reach
+  // the tensor cores strictly alternating; warpgroup 0 takes the first turn without waiting.
+  const int wg = warp >> 2;
+  bool first_turn = true;
   int acc[64];
   float yf[64];
   int it = 0;
@@ -357,11 +381,16 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
           const uint32_t xg = (c & 1) ? wq.z : wq.x, xg8 = (c & 1) ? wq.w : wq.y;
           af[cs][0] = Lo4(xg), af[cs][1] = Lo4(xg8), af[cs][2] = Hi4(xg), af[cs][3] = Hi4(xg8);
         }
+        if (PP) {
+          NamedSync(1 + wg, wg == 1 || !first_turn);
+          first_turn = false;
+        }
         WgFence();
 #pragma unroll
         for (int cs = 0; cs < QS; ++cs)
           Wgmma(acc, af[cs][0], af[cs][1], af[cs][2], af[cs][3], Desc(st + kOffA + (q * QS + cs) * (kWgBM * 32)));
         WgCommit();
+        if (PP) NamedArrive(2 - wg);  // the other warpgroup's burst queues behind this one
         WgWait0();
         if (MAGIC || ((kb + 1) % U) == 0) {  // the group ends here: rescale and reset
           const int gi = MAGIC ? kb * GPK + q : kb / U;
@@ -419,30 +448,32 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       }
     }
   }
+  // ping-pong: warpgroup 1's last arrival on barrier 1 has no burst of warpgroup 0 after it; consume it
+  if (PP) NamedSync(1, wg == 0 && !first_turn);
 #endif
 }
 
-template <bool ZP, int QS, bool MAGIC>
+template <bool ZP, int QS, bool MAGIC, bool PP>
 std::string Launch(const Problem& p, const int8_t* qT, const float* sa, const int* qsT, int Mp, int n_units,
                    int splits, void* stream) {
   static bool attr_set = false;
   if (!attr_set) {
-    cudaFuncSetAttribute(WgmmaPrefillKernel<ZP, QS, MAGIC>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    cudaFuncSetAttribute(WgmmaPrefillKernel<ZP, QS, MAGIC, PP>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
     attr_set = true;
   }
   const int grid = std::min(n_units, std::max(1, SmCount()));
-  WgmmaPrefillKernel<ZP, QS, MAGIC><<<grid, kBlockThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+  WgmmaPrefillKernel<ZP, QS, MAGIC, PP><<<grid, kBlockThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       p.d, static_cast<int>(p.M), Mp, qT, sa, qsT, p.w, p.bias, p.Y, n_units, splits);
   return LastErr("wgmma prefill kernel");
 }
 
-template <bool ZP>
+template <bool ZP, bool PP>
 std::string LaunchG(const Problem& p, const int8_t* qT, const float* sa, const int* qsT, int Mp, int n_units,
                     int splits, void* stream) {
-  if (p.d.Gp == 32) return Launch<ZP, 1, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  if (p.d.Gp == 64) return Launch<ZP, 2, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  if (p.d.Gp == 128) return Launch<ZP, 4, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  return Launch<ZP, 4, false>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 32) return Launch<ZP, 1, true, PP>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 64) return Launch<ZP, 2, true, PP>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 128) return Launch<ZP, 4, true, PP>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  return Launch<ZP, 4, false, PP>(p, qT, sa, qsT, Mp, n_units, splits, stream);
 }
 
 struct WgLayout {
@@ -478,7 +509,7 @@ bool WgmmaUsable() {
 
 size_t WgmmaWorkspaceBytes(const Dims& d, int64_t M, bool has_zp) { return WgLayoutOf(d, M, has_zp).total; }
 
-std::string RunWgmma(const Problem& p, void* stream) {
+std::string RunWgmma(const Problem& p, int path, void* stream) {
   const Dims& d = p.d;
   if (!WgmmaUsable()) return "W4A8MatMul (CUDA): the wgmma prefill kernel needs compute capability 9.0";
   const bool zp = p.w.zc != nullptr;
@@ -506,10 +537,14 @@ std::string RunWgmma(const Problem& p, void* stream) {
       d, static_cast<int>(p.M), static_cast<int>(l.Mp), p.A, p.per_token, p.act_scale, qT, sa, qsT,
       static_cast<int>(rpb));
   std::string err = LastErr("activation quantization (tiled)");
-  if (!err.empty() || p.force_path == 9) return err;  // 9: quantization only (benchmark breakdown)
+  if (!err.empty() || path == 9) return err;  // 9: quantization only (benchmark breakdown)
   const int n_units = static_cast<int>(tiles * splits);
-  return zp ? LaunchG<true>(p, qT, sa, qsT, static_cast<int>(l.Mp), n_units, static_cast<int>(splits), stream)
-            : LaunchG<false>(p, qT, sa, qsT, static_cast<int>(l.Mp), n_units, static_cast<int>(splits), stream);
+  const int mp = static_cast<int>(l.Mp), sp = static_cast<int>(splits);
+  if (path == 10)
+    return zp ? LaunchG<true, true>(p, qT, sa, qsT, mp, n_units, sp, stream)
+              : LaunchG<false, true>(p, qT, sa, qsT, mp, n_units, sp, stream);
+  return zp ? LaunchG<true, false>(p, qT, sa, qsT, mp, n_units, sp, stream)
+            : LaunchG<false, false>(p, qT, sa, qsT, mp, n_units, sp, stream);
 }
 
 }  // namespace gpu

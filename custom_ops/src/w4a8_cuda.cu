@@ -1128,7 +1128,7 @@ std::string Run(const Problem& p, void* stream) {
   const bool decode = path == 1 || path == 5 || path == 6;
   const int S = path == 6 ? 6 : kDecStagesDefault;
   if (decode && p.M > 16) return "W4A8MatMul (CUDA): decode kernel needs M <= 16";
-  if (path == 7 || path == 9 || path == 10) return RunWgmma(p, path, stream);
+  if (path == 7 || path == 9 || path == 10 || path == 13) return RunWgmma(p, path, stream);
   StreamPlan sp;
   bool streaming = false;
   if ((path == 1 || path == 6) && IsSm90()) {

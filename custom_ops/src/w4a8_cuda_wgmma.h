@@ -24,7 +24,8 @@ constexpr int kWgBM = 128;  // tokens per tile (wgmma N)
 bool WgmmaUsable();
 size_t WgmmaWorkspaceBytes(const Dims& d, int64_t M, bool has_zp);
 // Quantizes A into the tiled layout and runs the wgmma kernel; path (a force_path value): 7 the
-// free-running schedule, 10 the ping-pong one (CUDA_NOTES.md v7), 9 the quantization only.
+// free-running schedule, 10 the ping-pong one, 13 ping-pong with the I2FP conversion (CUDA_NOTES.md v7),
+// 9 the quantization only.
 std::string RunWgmma(const Problem& p, int path, void* stream);
 
 }  // namespace gpu

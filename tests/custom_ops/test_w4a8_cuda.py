@@ -107,7 +107,8 @@ def _is_sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-WGMMA_PATHS = ("prefill_wgmma", "prefill_wgmma_pp")  # free-running and ping-pong schedules (CUDA_NOTES.md v7)
+# the wgmma kernel: free-running, ping-pong schedule, ping-pong with the I2FP conversion (CUDA_NOTES.md v7)
+WGMMA_PATHS = ("prefill_wgmma", "prefill_wgmma_pp", "prefill_wgmma_pp_i2f")
 
 
 @pytest.fixture
@@ -260,7 +261,7 @@ def test_io_binding_on_device_no_fallback():
 # ---------------------------------------------------------------- direct entry points (torch buffers, no ORT)
 
 PATHS = {"auto": 0, "decode": 1, "decode_v4": 5, "prefill128": 2, "prefill64": 4, "prefill_wgmma": 7,
-         "prefill_wgmma_pp": 10}
+         "prefill_wgmma_pp": 10, "prefill_wgmma_pp_i2f": 13}
 
 
 @pytest.fixture(scope="module")
@@ -375,8 +376,8 @@ def test_direct_wgmma_extreme_values(direct, G, act_mode, path):
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
 def test_direct_wgmma_pingpong_bit_identical(direct, K, N, G, act_mode):
     """General (non power-of-two) scales, where float rounding shows any change of order: the ping-pong
-    schedule gives the free-running kernel's bits (same operations per output element) and stays
-    within float32 summation error of the float64 reference."""
+    schedule (with either int32 -> float conversion) gives the free-running kernel's bits (same
+    operations per output element) and stays within float32 summation error of the float64 reference."""
     torch, lib = direct
     if not _is_sm90():
         pytest.skip("the wgmma prefill kernel needs compute capability 9.0")
@@ -388,9 +389,10 @@ def test_direct_wgmma_pingpong_bit_identical(direct, K, N, G, act_mode):
         for M in (17, 300, 1200 if N == 2048 else 129):
             a = make_activations(rng, (M, K), act_mode, exact=False)
             ys = [_run_direct(torch, lib, K, N, G, act_mode, B, s, zp, act_scale, bias, a, PATHS[p]) for p in WGMMA_PATHS]
-            np.testing.assert_array_equal(ys[1], ys[0], err_msg=f"M={M} zp={with_zp}")
             ref = custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, act_mode).astype(np.float64)
-            assert np.abs(ys[1] - ref).max() <= 1e-5 * np.abs(ref).max(), f"M={M} zp={with_zp}"
+            for path, y in zip(WGMMA_PATHS[1:], ys[1:]):
+                np.testing.assert_array_equal(y, ys[0], err_msg=f"{path} M={M} zp={with_zp}")
+            assert np.abs(ys[0] - ref).max() <= 1e-5 * np.abs(ref).max(), f"M={M} zp={with_zp}"
 
 
 def test_direct_auto_rule(direct):

@@ -241,20 +241,34 @@ __device__ __forceinline__ void RegsInc() { asm volatile("setmaxnreg.inc.sync.al
 __device__ __forceinline__ void WgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgWait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// Named barriers of the ping-pong schedule (id 0 is __syncthreads): the two consumer warpgroups, 256 threads.
-// NamedSync's wait is predicated (no branch): ptxas serialises the wgmmas (C7520) when a branch
-// precedes them inside the loop.
-__device__ __forceinline__ void NamedSync(int id, bool wait) {
+// Named barriers 1 and 2 of the ping-pong schedule (0 is __syncthreads), over the two consumer warpgroups
+// (256 threads): warpgroup wg's turn is barrier 1 + wg.  Predicated, not branched (ptxas serialises the
+// wgmmas, C7520, when a branch precedes them inside the loop), with immediate ids (a register id makes
+// ptxas reserve all 16 barriers).
+__device__ __forceinline__ void WaitTurn(int wg, bool wait) {
+  asm volatile(
+      "{\n"
+      ".reg .pred w, p1, p2;\n"
+      "setp.ne.b32 w, %1, 0;\n"
+      "setp.ne.and.b32 p1, %0, 1, w;\n"
+      "setp.eq.and.b32 p2, %0, 1, w;\n"
+      "@p1 bar.sync 1, %2;\n"
+      "@p2 bar.sync 2, %2;\n"
+      "}\n" ::"r"(wg),
+      "r"(static_cast<int>(wait)), "n"(kConsumerThreads)
+      : "memory");
+}
+__device__ __forceinline__ void GiveTurn(int wg) {  // to the other warpgroup
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
-      "setp.ne.b32 p, %2, 0;\n"
-      "@p bar.sync %0, %1;\n"
-      "}\n" ::"r"(id),
-      "n"(kConsumerThreads), "r"(static_cast<int>(wait))
+      "setp.ne.b32 p, %0, 1;\n"
+      "@p bar.arrive 2, %1;\n"
+      "@!p bar.arrive 1, %1;\n"
+      "}\n" ::"r"(wg),
+      "n"(kConsumerThreads)
       : "memory");
 }
-__device__ __forceinline__ void NamedArrive(int id) { asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "n"(kConsumerThreads) : "memory"); }
 
 // Shared-memory matrix descriptor: K-major, no swizzle; LBO = bytes between the two
 // k16 core matrices of a k32 step, SBO = bytes between 8-token core-matrix rows.
@@ -362,9 +376,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   // consumers: warp w owns 16-column tile w of the block's 128 columns (warpgroup w / 4: m64 rows)
   RegsInc<I2F ? kConsumerRegsI2f : kConsumerRegs>();
   const int g = lane >> 2, t = lane & 3;
-  // ping-pong: warpgroup wg waits on barrier 1 + wg for its turn to issue a burst (the wgmmas of one
-  // rescaling) and, once they are issued, opens barrier 2 - wg for the other one, so the bursts reach
-  // the tensor cores strictly alternating; warpgroup 0 takes the first turn without waiting.
+  // ping-pong: warpgroup wg waits for its turn (barrier 1 + wg) to issue a burst (the wgmmas of one
+  // rescaling) and, once they are issued, gives the turn to the other one (barrier 2 - wg), so the bursts
+  // reach the tensor cores strictly alternating; warpgroup 0 takes the first turn without waiting.
   const int wg = warp >> 2;
   bool first_turn = true;
   int acc[64];
@@ -391,7 +405,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
           af[cs][0] = Lo4(xg), af[cs][1] = Lo4(xg8), af[cs][2] = Hi4(xg), af[cs][3] = Hi4(xg8);
         }
         if (PP) {
-          NamedSync(1 + wg, wg == 1 || !first_turn);
+          WaitTurn(wg, wg == 1 || !first_turn);
           first_turn = false;
         }
         WgFence();
@@ -400,7 +414,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
           Wgmma(acc, af[cs][0], af[cs][1], af[cs][2], af[cs][3], Desc(st + kOffA + (q * QS + cs) * (kWgBM * 32)),
                 !I2F || cs > 0 || (!MAGIC && (kb % U) != 0));
         WgCommit();
-        if (PP) NamedArrive(2 - wg);  // the other warpgroup's burst queues behind this one
+        if (PP) GiveTurn(wg);  // the other warpgroup's burst queues behind this one
         WgWait0();
         if (MAGIC || ((kb + 1) % U) == 0) {  // the group ends here: rescale and reset
           const int gi = MAGIC ? kb * GPK + q : kb / U;
@@ -461,7 +475,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
   }
   // ping-pong: warpgroup 1's last arrival on barrier 1 has no burst of warpgroup 0 after it; consume it
-  if (PP) NamedSync(1, wg == 0 && !first_turn);
+  if (PP) WaitTurn(wg, wg == 0 && !first_turn);
 #endif
 }
 

@@ -20,8 +20,13 @@
 // units; the producer runs ahead across unit boundaries.  Per group the
 // accumulators start at the bits of 1.5 * 2^23 (groups <= 128), so the int32 ->
 // float conversion of the group sum is one FADD; then one FFMA with scale / 16.
-// The two warpgroups drift half a group apart, so one warpgroup's rescaling
-// overlaps the other's wgmma.
+// Schedules (template PP): free-running (PP = false, force_path 7), both warpgroups issue their
+// wgmmas as soon as a stage is full, so they tend to run in lock step (their wgmmas interleave on the
+// tensor cores, both finish together, both rescale while the tensor cores idle); ping-pong (PP = true,
+// force_path 10, CUDA_NOTES.md v7), two named barriers hand the wgmma issue back and forth, so the
+// tensor cores run one warpgroup's wgmmas while the other rescales (or stores its epilogue).  Same
+// instructions on the same data in the same order per output element: bit-identical results.
+// force_path 13: ping-pong with the cheaper int32 -> float conversion (template I2F).
 #include "w4a8_cuda_wgmma.h"
 
 #include <cuda_runtime.h>
@@ -46,6 +51,11 @@ constexpr int kBlockThreads = kConsumerThreads + 128;  // + producer warpgroup (
 constexpr int kProducerRegs = 40;
 constexpr int kConsumerRegs = 232;
 static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536, "register file");
+// The I2F variants' consumers peak at 154-166 registers, and at 40 the producer of the zero-point
+// group-32/64 ones spilled (132 B): they split 56 / 224.
+constexpr int kProducerRegsI2f = 88;
+constexpr int kConsumerRegsI2f = 208;
+static_assert(128 * kProducerRegsI2f + kConsumerThreads * kConsumerRegsI2f <= 65536, "register file");
 constexpr int kStages = 6;
 // one stage: weights [8 tiles][2][32][16 B], activations (tiled), scales [4 groups][128],
 // zero points [4][128], group sums [4][128 tokens]
@@ -231,6 +241,34 @@ __device__ __forceinline__ void RegsInc() { asm volatile("setmaxnreg.inc.sync.al
 __device__ __forceinline__ void WgFence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgCommit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void WgWait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
+// Named barriers 1 and 2 of the ping-pong schedule (0 is __syncthreads), over the two consumer warpgroups
+// (256 threads): warpgroup wg's turn is barrier 1 + wg.  Predicated, not branched (ptxas serialises the
+// wgmmas, C7520, when a branch precedes them inside the loop), with immediate ids (a register id makes
+// ptxas reserve all 16 barriers).
+__device__ __forceinline__ void WaitTurn(int wg, bool wait) {
+  asm volatile(
+      "{\n"
+      ".reg .pred w, p1, p2;\n"
+      "setp.ne.b32 w, %1, 0;\n"
+      "setp.ne.and.b32 p1, %0, 1, w;\n"
+      "setp.eq.and.b32 p2, %0, 1, w;\n"
+      "@p1 bar.sync 1, %2;\n"
+      "@p2 bar.sync 2, %2;\n"
+      "}\n" ::"r"(wg),
+      "r"(static_cast<int>(wait)), "n"(kConsumerThreads)
+      : "memory");
+}
+__device__ __forceinline__ void GiveTurn(int wg) {  // to the other warpgroup
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %0, 1;\n"
+      "@p bar.arrive 2, %1;\n"
+      "@!p bar.arrive 1, %1;\n"
+      "}\n" ::"r"(wg),
+      "n"(kConsumerThreads)
+      : "memory");
+}
 
 // Shared-memory matrix descriptor: K-major, no swizzle; LBO = bytes between the two
 // k16 core matrices of a k32 step, SBO = bytes between 8-token core-matrix rows.
@@ -239,9 +277,9 @@ __device__ __forceinline__ uint64_t Desc(const void* p) {
   return static_cast<uint64_t>((Smem(p) & 0x3FFFF) >> 4) | ((kLbo >> 4) << 16) | ((kSbo >> 4) << 32);
 }
 
-// d (m64 x n128, s32) += A (registers, s8) * B (shared memory, s8)
+// d (m64 x n128, s32) = A (registers, s8) * B (shared memory, s8) + (accumulate ? d : 0)
 __device__ __forceinline__ void Wgmma(int (&d)[64], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                      uint64_t desc) {
+                                      uint64_t desc, int accumulate) {
   asm volatile(
       "{\n"
       ".reg .pred p;\n"
@@ -258,7 +296,7 @@ __device__ __forceinline__ void Wgmma(int (&d)[64], uint32_t a0, uint32_t a1, ui
         "+r"(d[40]), "+r"(d[41]), "+r"(d[42]), "+r"(d[43]), "+r"(d[44]), "+r"(d[45]), "+r"(d[46]), "+r"(d[47]),
         "+r"(d[48]), "+r"(d[49]), "+r"(d[50]), "+r"(d[51]), "+r"(d[52]), "+r"(d[53]), "+r"(d[54]), "+r"(d[55]),
         "+r"(d[56]), "+r"(d[57]), "+r"(d[58]), "+r"(d[59]), "+r"(d[60]), "+r"(d[61]), "+r"(d[62]), "+r"(d[63])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(1));
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "l"(desc), "r"(accumulate));
 }
 
 // ---------------------------------------------------------------- the GEMM kernel
@@ -279,8 +317,12 @@ __device__ __forceinline__ Unit GetUnit(int u, int NB, int splits, int nu, int U
 #endif  // FPTQ_WGMMA_DEVICE
 
 // QS: k32 steps per rescaling (Gp / 32 for groups <= 128, else 4 with the int32 sum carried over the
-// group's U = Gp / 128 k-blocks); MAGIC: groups <= 128 (magic-number int -> float conversion).
-template <bool ZP, int QS, bool MAGIC>
+// group's U = Gp / 128 k-blocks); MAGIC: groups <= 128 (magic-number int -> float conversion);
+// PP: the ping-pong schedule (file comment); I2F (with PP only, force_path 13): a group's first wgmma
+// overwrites the accumulators (scale-d = 0) and the rescale converts with I2FP, so the 64 resets per
+// group go and the magic FADD becomes one conversion (2 instead of 3 instructions per accumulator; the
+// same float for |sum| < 2^22, hence the same results).
+template <bool ZP, int QS, bool MAGIC, bool PP, bool I2F>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     WgmmaPrefillKernel(Dims d, int M, int Mp, const int8_t* __restrict__ qT, const float* __restrict__ sa,
                        const int* __restrict__ qsT, Packed w, const float* __restrict__ bias, float* __restrict__ Y,
@@ -302,7 +344,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   __syncthreads();
 
   if (warp >= 8) {  // producer warpgroup: thread 256 issues the copies
-    RegsDec<kProducerRegs>();
+    RegsDec<I2F ? kProducerRegsI2f : kProducerRegs>();
     if (warp == 8 && lane == 0) {
       int it = 0;
       for (int u = blockIdx.x; u < n_units; u += gridDim.x) {
@@ -332,8 +374,13 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
 
   // consumers: warp w owns 16-column tile w of the block's 128 columns (warpgroup w / 4: m64 rows)
-  RegsInc<kConsumerRegs>();
+  RegsInc<I2F ? kConsumerRegsI2f : kConsumerRegs>();
   const int g = lane >> 2, t = lane & 3;
+  // ping-pong: warpgroup wg waits for its turn (barrier 1 + wg) to issue a burst (the wgmmas of one
+  // rescaling) and, once they are issued, gives the turn to the other one (barrier 2 - wg), so the bursts
+  // reach the tensor cores strictly alternating; warpgroup 0 takes the first turn without waiting.
+  const int wg = warp >> 2;
+  bool first_turn = true;
   int acc[64];
   float yf[64];
   int it = 0;
@@ -357,11 +404,17 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
           const uint32_t xg = (c & 1) ? wq.z : wq.x, xg8 = (c & 1) ? wq.w : wq.y;
           af[cs][0] = Lo4(xg), af[cs][1] = Lo4(xg8), af[cs][2] = Hi4(xg), af[cs][3] = Hi4(xg8);
         }
+        if (PP) {
+          WaitTurn(wg, wg == 1 || !first_turn);
+          first_turn = false;
+        }
         WgFence();
 #pragma unroll
         for (int cs = 0; cs < QS; ++cs)
-          Wgmma(acc, af[cs][0], af[cs][1], af[cs][2], af[cs][3], Desc(st + kOffA + (q * QS + cs) * (kWgBM * 32)));
+          Wgmma(acc, af[cs][0], af[cs][1], af[cs][2], af[cs][3], Desc(st + kOffA + (q * QS + cs) * (kWgBM * 32)),
+                !I2F || cs > 0 || (!MAGIC && (kb % U) != 0));
         WgCommit();
+        if (PP) GiveTurn(wg);  // the other warpgroup's burst queues behind this one
         WgWait0();
         if (MAGIC || ((kb + 1) % U) == 0) {  // the group ends here: rescale and reset
           const int gi = MAGIC ? kb * GPK + q : kb / U;
@@ -384,13 +437,15 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
               }
 #pragma unroll
               for (int r = 0; r < 4; ++r) {
-                const float f = MAGIC ? (__int_as_float(v[r]) - kMagicF) : static_cast<float>(v[r]);
+                const float f = (MAGIC && !I2F) ? (__int_as_float(v[r]) - kMagicF) : static_cast<float>(v[r]);
                 yf[4 * j + r] = fmaf(r < 2 ? s0 : s1, f, yf[4 * j + r]);
               }
             }
           }
+          if (!I2F) {
 #pragma unroll
-          for (int i = 0; i < 64; ++i) acc[i] = MAGIC ? kMagicI : 0;
+            for (int i = 0; i < 64; ++i) acc[i] = MAGIC ? kMagicI : 0;
+          }
         }
       }
       __syncwarp();
@@ -419,30 +474,33 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
       }
     }
   }
+  // ping-pong: warpgroup 1's last arrival on barrier 1 has no burst of warpgroup 0 after it; consume it
+  if (PP) WaitTurn(wg, wg == 0 && !first_turn);
 #endif
 }
 
-template <bool ZP, int QS, bool MAGIC>
+template <bool ZP, int QS, bool MAGIC, bool PP, bool I2F>
 std::string Launch(const Problem& p, const int8_t* qT, const float* sa, const int* qsT, int Mp, int n_units,
                    int splits, void* stream) {
   static bool attr_set = false;
   if (!attr_set) {
-    cudaFuncSetAttribute(WgmmaPrefillKernel<ZP, QS, MAGIC>, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmemBytes);
+    cudaFuncSetAttribute(WgmmaPrefillKernel<ZP, QS, MAGIC, PP, I2F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                         kSmemBytes);
     attr_set = true;
   }
   const int grid = std::min(n_units, std::max(1, SmCount()));
-  WgmmaPrefillKernel<ZP, QS, MAGIC><<<grid, kBlockThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+  WgmmaPrefillKernel<ZP, QS, MAGIC, PP, I2F><<<grid, kBlockThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       p.d, static_cast<int>(p.M), Mp, qT, sa, qsT, p.w, p.bias, p.Y, n_units, splits);
   return LastErr("wgmma prefill kernel");
 }
 
-template <bool ZP>
+template <bool ZP, bool PP, bool I2F>
 std::string LaunchG(const Problem& p, const int8_t* qT, const float* sa, const int* qsT, int Mp, int n_units,
                     int splits, void* stream) {
-  if (p.d.Gp == 32) return Launch<ZP, 1, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  if (p.d.Gp == 64) return Launch<ZP, 2, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  if (p.d.Gp == 128) return Launch<ZP, 4, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  return Launch<ZP, 4, false>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 32) return Launch<ZP, 1, true, PP, I2F>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 64) return Launch<ZP, 2, true, PP, I2F>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 128) return Launch<ZP, 4, true, PP, I2F>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  return Launch<ZP, 4, false, PP, I2F>(p, qT, sa, qsT, Mp, n_units, splits, stream);
 }
 
 struct WgLayout {
@@ -478,7 +536,7 @@ bool WgmmaUsable() {
 
 size_t WgmmaWorkspaceBytes(const Dims& d, int64_t M, bool has_zp) { return WgLayoutOf(d, M, has_zp).total; }
 
-std::string RunWgmma(const Problem& p, void* stream) {
+std::string RunWgmma(const Problem& p, int path, void* stream) {
   const Dims& d = p.d;
   if (!WgmmaUsable()) return "W4A8MatMul (CUDA): the wgmma prefill kernel needs compute capability 9.0";
   const bool zp = p.w.zc != nullptr;
@@ -506,10 +564,17 @@ std::string RunWgmma(const Problem& p, void* stream) {
       d, static_cast<int>(p.M), static_cast<int>(l.Mp), p.A, p.per_token, p.act_scale, qT, sa, qsT,
       static_cast<int>(rpb));
   std::string err = LastErr("activation quantization (tiled)");
-  if (!err.empty() || p.force_path == 9) return err;  // 9: quantization only (benchmark breakdown)
+  if (!err.empty() || path == 9) return err;  // 9: quantization only (benchmark breakdown)
   const int n_units = static_cast<int>(tiles * splits);
-  return zp ? LaunchG<true>(p, qT, sa, qsT, static_cast<int>(l.Mp), n_units, static_cast<int>(splits), stream)
-            : LaunchG<false>(p, qT, sa, qsT, static_cast<int>(l.Mp), n_units, static_cast<int>(splits), stream);
+  const int mp = static_cast<int>(l.Mp), sp = static_cast<int>(splits);
+  if (path == 13)
+    return zp ? LaunchG<true, true, true>(p, qT, sa, qsT, mp, n_units, sp, stream)
+              : LaunchG<false, true, true>(p, qT, sa, qsT, mp, n_units, sp, stream);
+  if (path == 10)
+    return zp ? LaunchG<true, true, false>(p, qT, sa, qsT, mp, n_units, sp, stream)
+              : LaunchG<false, true, false>(p, qT, sa, qsT, mp, n_units, sp, stream);
+  return zp ? LaunchG<true, false, false>(p, qT, sa, qsT, mp, n_units, sp, stream)
+            : LaunchG<false, false, false>(p, qT, sa, qsT, mp, n_units, sp, stream);
 }
 
 }  // namespace gpu

@@ -23,8 +23,10 @@ constexpr int kWgBM = 128;  // tokens per tile (wgmma N)
 // The current device is compute capability 9.0 (the kernel is built for sm_90a only).
 bool WgmmaUsable();
 size_t WgmmaWorkspaceBytes(const Dims& d, int64_t M, bool has_zp);
-// Quantizes A into the tiled layout and runs the wgmma kernel (p.force_path 9: quantization only).
-std::string RunWgmma(const Problem& p, void* stream);
+// Quantizes A into the tiled layout and runs the wgmma kernel; path (a force_path value): 7 the
+// free-running schedule, 10 the ping-pong one, 13 ping-pong with the I2FP conversion (CUDA_NOTES.md v7),
+// 9 the quantization only.
+std::string RunWgmma(const Problem& p, int path, void* stream);
 
 }  // namespace gpu
 }  // namespace fptq

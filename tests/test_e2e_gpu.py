@@ -1,0 +1,59 @@
+"""bench/e2e_gpu.py's plumbing on the CPU EP with the tiny llama: the IO-binding loop (device-side
+KV cache fed back as the next step's past) gives the same greedy tokens as plain `session.run`
+steps, for the fp32 export and its fp16 copy, and the profile-based placement report counts the nodes.
+The CUDA run itself is the lead's (`--provider cuda` on the GPU machine)."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+
+import numpy as np
+import pytest
+from conftest import REPO_ROOT
+
+sys.path.insert(0, str(REPO_ROOT / "bench"))
+import e2e_gpu  # noqa: E402
+
+STEPS = 5
+
+
+def _plain_greedy(path, prompt: np.ndarray, dtype) -> np.ndarray:
+    """The reference loop: OnnxCausalLM.forward with host arrays (session.run)."""
+    from fptq_onnx.runtime import OnnxCausalLM
+
+    lm = OnnxCausalLM(path)
+    past = [np.zeros((prompt.shape[0], lm.kv_heads, 0, lm.head_dim), dtype) for _ in range(2 * lm.num_layers)]
+    ids, tokens = prompt, []
+    for _ in range(STEPS + 1):
+        logits, past = lm.forward(ids, past)
+        ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)
+        tokens.append(ids)
+    return np.concatenate(tokens, axis=1)
+
+
+@pytest.fixture(scope="module")
+def float_models(tiny_onnx, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("e2e-gpu")
+    for file in tiny_onnx["llama"].parent.iterdir():
+        shutil.copy(file, directory / file.name.replace("model", "float"))
+    fp32 = directory / "float.onnx"
+    return {np.float32: fp32, np.float16: e2e_gpu.float16_copy(fp32)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_io_binding_loop_matches_plain_run(float_models, dtype):
+    path = float_models[dtype]
+    prompt = np.random.default_rng(1).integers(0, 128, (2, 9), dtype=np.int64)
+    lm = e2e_gpu.BoundLM(path, "cpu")
+    assert lm.kv_dtype == dtype
+    tokens, prefill_s, decode_s = lm.generate(prompt, STEPS)
+    assert tokens.shape == (2, STEPS + 1) and prefill_s > 0 and decode_s > 0
+    np.testing.assert_array_equal(tokens, _plain_greedy(path, prompt, dtype))
+
+
+def test_placement_counts_decode_step_nodes(float_models):
+    report = e2e_gpu.probe_placement(float_models[np.float16], "cpu")
+    assert set(report["by_ep"]) == {"CPUExecutionProvider"} and report["by_ep"]["CPUExecutionProvider"] > 10
+    assert sum(report["cpu_ops"].values()) == report["by_ep"]["CPUExecutionProvider"]
+    assert report["memcpy"] == 0 and report["watched"]["MatMul"] > 0

@@ -30,6 +30,8 @@ greedy steps (tokens/s = batch x steps / time; each step includes copying its [b
 logits to the host for the argmax, as a generation loop must); medians are reported. Before timing,
 one profiled prefill + decode step tells where ORT placed every node of the decode step (nodes per
 EP, the CPU op types, Memcpy nodes, and whether MatMulNBits / W4A8MatMul are there).
+No CUDA graphs: ORT replays a captured graph only with fixed input/output shapes and addresses, and
+this export's KV cache grows by concatenation every step.
 """
 
 from __future__ import annotations
@@ -79,8 +81,9 @@ def prepare(directory: Path, source: str | None, convert_args: str) -> dict[str,
         if not (directory / name).is_file():
             if source is None:
                 raise FptqError(f"{directory / name} not found; give --source MODEL to make it")
-            print("$ fptq-onnx " + " ".join(command), flush=True)
-            subprocess.run([sys.executable, "-m", "fptq_onnx.cli", *command], check=True)
+            print("$ fptq-onnx " + shlex.join(command), flush=True)
+            if subprocess.run([sys.executable, "-m", "fptq_onnx.cli", *command]).returncode:
+                raise FptqError(f"`fptq-onnx {shlex.join(command)}` failed (its error is above)")
     models = {}
     for label, (name, half) in FORMS.items():
         path = directory / name
@@ -189,14 +192,15 @@ def placement(profile: Path) -> dict:
             "watched": {op: ops[op] for op in WATCHED_OPS if ops[op]}}
 
 
-def probe_placement(path: Path, provider: str) -> dict:
-    """One profiled prefill + decode step in its own session; the placement of the decode step."""
-    with tempfile.TemporaryDirectory() as tmp:
-        lm = BoundLM(path, provider, profile_prefix=str(Path(tmp) / path.stem))
-        lm.generate(np.zeros((1, 8), np.int64), 1)
-        profile = Path(lm.session.end_profiling())
-        del lm
+def probe_placement(lm: BoundLM) -> dict:
+    """One profiled short prefill + decode step; the placement of the decode step. Ending the profile
+    stops it (ORT collects nothing after writing it), so the timed runs that follow are not profiled."""
+    lm.generate(np.zeros((1, 8), np.int64), 1)
+    profile = Path(lm.session.end_profiling())
+    try:
         return placement(profile)
+    finally:
+        profile.unlink(missing_ok=True)
 
 
 @dataclass
@@ -209,9 +213,13 @@ class Timing:
 
 
 def measure(path: Path, provider: str, combos: list[tuple[int, int]], decode: int,
-            repeats: int) -> dict[tuple[int, int], dict[str, float]]:
-    """Median prefill and decode tokens/s of one model at each (batch, prompt); the same prompts for every model."""
-    lm = BoundLM(path, provider)
+            repeats: int) -> tuple[dict, dict[tuple[int, int], dict[str, float]]]:
+    """The decode-step placement and the median prefill and decode tokens/s of one model at each
+    (batch, prompt); the same prompts for every model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        lm = BoundLM(path, provider, profile_prefix=str(Path(tmp) / path.stem))
+        where = probe_placement(lm)
+    print(f"{path.name}: decode-step placement {where}", flush=True)
     vocab = lm.session.get_outputs()[0].shape[-1]
     vocab_limit = min(1000, vocab) if isinstance(vocab, int) else 1000
     rng = np.random.default_rng(0)
@@ -230,7 +238,7 @@ def measure(path: Path, provider: str, combos: list[tuple[int, int]], decode: in
               f"decode {r['decode']:.1f} tok/s", flush=True)
     del lm
     gc.collect()
-    return results
+    return where, results
 
 
 def device_name(provider: str) -> str:
@@ -309,9 +317,7 @@ def main() -> None:
         combos = [(b, p) for b in ints(args.batches) for p in ints(args.prompts)]
         placements, speeds = {}, {}
         for label, path in models.items():
-            placements[label] = probe_placement(path, args.provider)
-            print(f"{label}: decode-step placement {placements[label]}", flush=True)
-            speeds[label] = measure(path, args.provider, combos, args.decode, args.repeats)
+            placements[label], speeds[label] = measure(path, args.provider, combos, args.decode, args.repeats)
     except FptqError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(1)

@@ -5,7 +5,9 @@ The CUDA run itself is the lead's (`--provider cuda` on the GPU machine)."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -52,8 +54,27 @@ def test_io_binding_loop_matches_plain_run(float_models, dtype):
     np.testing.assert_array_equal(tokens, _plain_greedy(path, prompt, dtype))
 
 
-def test_placement_counts_decode_step_nodes(float_models):
-    report = e2e_gpu.probe_placement(float_models[np.float16], "cpu")
+def test_placement_counts_decode_step_nodes(float_models, tmp_path):
+    lm = e2e_gpu.BoundLM(float_models[np.float16], "cpu", profile_prefix=str(tmp_path / "profile"))
+    report = e2e_gpu.probe_placement(lm)
+    assert not list(tmp_path.iterdir()), "the profile file is left behind"
     assert set(report["by_ep"]) == {"CPUExecutionProvider"} and report["by_ep"]["CPUExecutionProvider"] > 10
     assert sum(report["cpu_ops"].values()) == report["by_ep"]["CPUExecutionProvider"]
     assert report["memcpy"] == 0 and report["watched"]["MatMul"] > 0
+
+
+@pytest.mark.slow
+def test_bench_end_to_end_on_cpu(tiny_checkpoint, tmp_path):
+    """The whole script: export + convert into DIR, fp16 copies, the three forms measured, the table written."""
+    out = tmp_path / "e2e.md"
+    convert_args = "--calib random --calib-samples 2 --calib-seqlen 16 --group-size 16 --ppl-windows 0"
+    proc = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "bench" / "e2e_gpu.py"), str(tmp_path / "models"), "--source",
+         str(tiny_checkpoint), "--convert-args", convert_args, "--provider", "cpu", "--batches", "1,2",
+         "--prompts", "8", "--decode", "2", "--repeats", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    table = out.read_text()
+    for label in e2e_gpu.FORMS:
+        assert sum(line.startswith(f"| {label} | ") for line in table.splitlines()) == 2 + 1  # 2 speed rows + placement
+    assert "MatMulNBits" in table and "W4A8MatMul" in table

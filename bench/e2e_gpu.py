@@ -15,11 +15,13 @@ Commands (GPU machine, repo root; onnxruntime-gpu and the op library built with 
 DIR holds `float.onnx` (`fptq-onnx export SOURCE DIR/float.onnx`) and `w4a8.onnx` + `w4a8.native.onnx`
 (`fptq-onnx convert SOURCE DIR/w4a8.onnx --format w4a8,native CONVERT_ARGS`); with `--source` the
 missing ones are made first. The bench casts the float and the native model to float16 once
-(passes/cast_float16.py: weights, activations, KV cache and logits), giving the three forms:
+(passes/cast_float16.py: weights, activations, KV cache and logits) and runs passes/cache_shapes.py
+on all three (one cache-length read, no host-to-device copy in the shape arithmetic; its docstring
+says why; `--no-share-shapes` leaves it out), giving the three forms:
 
-    fp16     float.fp16.onnx          the float export in half precision (the baseline)
-    w4a16    w4a8.native.fp16.onnx    ORT's int4 (DequantizeLinear + MatMul, fused by ORT into MatMulNBits)
-    w4a8     w4a8.onnx                ours: fptq.W4A8MatMul (float32 activations: the CUDA op has no fp16)
+    fp16     float.fp16.shapes.onnx         the float export in half precision (the baseline)
+    w4a16    w4a8.native.fp16.shapes.onnx   ORT's int4 (DequantizeLinear + MatMul, fused by ORT into MatMulNBits)
+    w4a8     w4a8.shapes.onnx               ours: fptq.W4A8MatMul (float32 activations: the CUDA op has no fp16)
 
 Each model gets its own session (one at a time, so GPU memory holds one model) and is stepped with IO
 binding: input ids, mask and positions are copied to the device once per step, logits and the KV
@@ -71,9 +73,8 @@ DEFAULT_CONVERT_ARGS = "--recipe fptq --quantize-lm-head --ppl-windows 0"
 WATCHED_OPS = ("MatMulNBits", "W4A8MatMul", "DequantizeLinear", "MatMul")
 
 
-def prepare(directory: Path, source: str | None, convert_args: str) -> dict[str, Path]:
-    """The three model files of DIR (exported/converted from `source` when missing, fp16 copies made)."""
-    directory.mkdir(parents=True, exist_ok=True)
+def prepare(directory: Path, source: str | None, convert_args: str, share_shapes: bool) -> dict[str, Path]:
+    """The three model forms of DIR (exported/converted from `source` when missing; the copies made once)."""
     commands = {"float.onnx": ["export", source, str(directory / "float.onnx")],
                 "w4a8.onnx": ["convert", source, str(directory / "w4a8.onnx"), "--format", "w4a8,native",
                               *shlex.split(convert_args)]}
@@ -81,6 +82,7 @@ def prepare(directory: Path, source: str | None, convert_args: str) -> dict[str,
         if not (directory / name).is_file():
             if source is None:
                 raise FptqError(f"{directory / name} not found; give --source MODEL to make it")
+            directory.mkdir(parents=True, exist_ok=True)
             print("$ fptq-onnx " + shlex.join(command), flush=True)
             if subprocess.run([sys.executable, "-m", "fptq_onnx.cli", *command]).returncode:
                 raise FptqError(f"`fptq-onnx {shlex.join(command)}` failed (its error is above)")
@@ -89,25 +91,32 @@ def prepare(directory: Path, source: str | None, convert_args: str) -> dict[str,
         path = directory / name
         if not path.is_file():
             raise FptqError(f"{path} not found")
-        models[label] = float16_copy(path) if half else path
+        models[label] = bench_copy(path, half, share_shapes)
     return models
 
 
-def float16_copy(path: Path) -> Path:
-    """`<stem>.fp16.onnx` beside `path` (made once, staged and renamed into place)."""
+def bench_copy(path: Path, half: bool, share_shapes: bool) -> Path:
+    """`path` after the bench's passes: `<stem>[.fp16][.shapes].onnx` beside it (made once, staged and
+    renamed into place), or `path` itself when there is none to run."""
     import onnx_ir as ir
 
+    from fptq_onnx.formats import run_passes
+    from fptq_onnx.passes.cache_shapes import ShareCacheShapesPass
     from fptq_onnx.passes.cast_float16 import CastFloat16Pass
     from fptq_onnx.saving import stage_model, staged_outputs
 
-    out = path.with_name(f"{path.stem}.fp16.onnx")
+    passes = {".fp16": CastFloat16Pass() if half else None, ".shapes": ShareCacheShapesPass() if share_shapes else None}
+    passes = {suffix: p for suffix, p in passes.items() if p is not None}
+    if not passes:
+        return path
+    out = path.with_name(path.stem + "".join(passes) + ".onnx")
     if not out.is_file():
         start = time.perf_counter()
-        model = ir.load(path)
-        CastFloat16Pass()(model)
+        model = run_passes(ir.load(path), list(passes.values()))
         with staged_outputs(out.parent) as stage:
             stage_model(stage, model, out)
-        print(f"float16 copy -> {out} in {time.perf_counter() - start:.0f} s", flush=True)
+        print(f"{' + '.join(type(p).__name__ for p in passes.values())} -> {out} in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
     return out
 
 
@@ -275,9 +284,9 @@ def report(args: argparse.Namespace, models: dict[str, Path], speeds: dict, plac
     for combo in speeds[BASE]:
         for label in models:
             r, base, peer = speeds[label][combo], speeds[BASE][combo], speeds[PEER][combo]
-            lines.append(f"| {label} | {combo[0]} | {combo[1]} | {r['prefill']:.0f} | {r['prefill'] / base['prefill']:.2f} | "
-                         f"{r['prefill'] / peer['prefill']:.2f} | {r['decode']:.1f} | {r['decode'] / base['decode']:.2f} | "
-                         f"{r['decode'] / peer['decode']:.2f} |")
+            lines.append(f"| {label} | {combo[0]} | {combo[1]} | {r['prefill']:.0f} | "
+                         f"{r['prefill'] / base['prefill']:.2f} | {r['prefill'] / peer['prefill']:.2f} | "
+                         f"{r['decode']:.1f} | {r['decode'] / base['decode']:.2f} | {r['decode'] / peer['decode']:.2f} |")
     lines += ["", "Node placement of one decode step (ORT profile):", "",
               "| model | nodes per EP | CPU-placed op types | Memcpy nodes | watched ops |", "|---|---|---|---:|---|"]
     for label, p in placements.items():
@@ -302,6 +311,8 @@ def main() -> None:
     parser.add_argument("--source", help="model name/dir/GGUF to export and convert into DIR when files are missing")
     parser.add_argument("--convert-args", default=DEFAULT_CONVERT_ARGS, help="extra `fptq-onnx convert` options")
     parser.add_argument("--provider", choices=sorted(PROVIDERS), default="cuda")
+    parser.add_argument("--no-share-shapes", dest="share_shapes", action="store_false",
+                        help="measure the models without passes/cache_shapes.py (to see what it changes)")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--prompts", default="512,2048")
     parser.add_argument("--decode", type=int, default=128, help="greedy decode steps after each prefill")
@@ -311,7 +322,7 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="append to --out instead of replacing it")
     args = parser.parse_args()
     try:
-        models = prepare(args.dir, args.source, args.convert_args)
+        models = prepare(args.dir, args.source, args.convert_args, args.share_shapes)
         print(f"{device_name(args.provider)}; onnxruntime {ort.__version__}; "
               f"{datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='minutes')}", flush=True)
         combos = [(b, p) for b in ints(args.batches) for p in ints(args.prompts)]

@@ -1,7 +1,10 @@
-"""bench/e2e_gpu.py's plumbing on the CPU EP with the tiny llama: the IO-binding loop (device-side
-KV cache fed back as the next step's past) gives the same greedy tokens as plain `session.run`
-steps, for the fp32 export and its fp16 copy, and the profile-based placement report counts the nodes.
-The CUDA run itself is the lead's (`--provider cuda` on the GPU machine)."""
+"""bench/e2e_gpu.py's plumbing on the CPU EP with the tiny llama.
+
+The IO-binding loop (device-side KV cache fed back as the next step's past) gives the same greedy
+tokens as plain `session.run` steps, for the fp32 export and its fp16 copy (both after the
+cache-shapes pass, as the bench runs them), and the profile-based placement report counts the
+nodes. The CUDA run itself is the lead's (`--provider cuda` on the GPU machine).
+"""
 
 from __future__ import annotations
 
@@ -40,7 +43,8 @@ def float_models(tiny_onnx, tmp_path_factory):
     for file in tiny_onnx["llama"].parent.iterdir():
         shutil.copy(file, directory / file.name.replace("model", "float"))
     fp32 = directory / "float.onnx"
-    return {np.float32: fp32, np.float16: e2e_gpu.float16_copy(fp32)}
+    return {np.float32: e2e_gpu.bench_copy(fp32, half=False, share_shapes=True),
+            np.float16: e2e_gpu.bench_copy(fp32, half=True, share_shapes=True)}
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float16])

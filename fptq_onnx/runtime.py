@@ -65,18 +65,19 @@ def check_external_data(path: Path, header) -> None:
                             f"which has {target.stat().st_size}")
 
 
-def make_session(path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 spin: bool = True) -> ort.InferenceSession:
+def make_session(path: Path, threads: int | None = None, providers: list | None = None,
+                 spin: bool = True, options: ort.SessionOptions | None = None) -> ort.InferenceSession:
     """An ORT session; registers our custom-op library when the model needs it.
 
     spin=False stops idle intra-op threads from busy-waiting: slightly slower on an idle
     machine, much faster (25% measured here) when other processes compete for the cores,
-    as in long evaluations on shared machines.
+    as in long evaluations on shared machines. `options`: the caller's SessionOptions to
+    start from (profiling, logging), completed here like a fresh one.
     """
     path = Path(path)
     if not path.is_file():
         raise FptqError(f"ONNX model not found: {path}")
-    options = ort.SessionOptions()
+    options = options or ort.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
     if not spin:
@@ -101,10 +102,10 @@ def make_session(path: Path, threads: int | None = None, providers: list[str] | 
 class OnnxCausalLM:
     """Prefill/decode with an explicit KV cache, and a plain `logits(ids)` scorer for evaluation."""
 
-    def __init__(self, path: Path, threads: int | None = None, providers: list[str] | None = None,
-                 spin: bool = True) -> None:
+    def __init__(self, path: Path, threads: int | None = None, providers: list | None = None,
+                 spin: bool = True, options: ort.SessionOptions | None = None) -> None:
         self.path = Path(path)
-        self.session = make_session(self.path, threads, providers, spin)
+        self.session = make_session(self.path, threads, providers, spin, options)
         inputs = {i.name: i for i in self.session.get_inputs()}
         missing = {"input_ids", "attention_mask"} - inputs.keys()
         if missing or "logits" not in {o.name for o in self.session.get_outputs()}:

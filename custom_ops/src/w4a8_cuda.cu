@@ -1096,8 +1096,9 @@ int AutoPath(const Dims& d, int64_t M) {
   if (M <= 16) return 1;  // decode v5 streaming (v4 where it cannot run)
   // wgmma from kWgmmaMinM rows on (CUDA_NOTES.md v6.1: faster than mma.sync at M = 128, 512, 2048, 4096 on
   // all five shapes, H200 2026-12-03; M = 17..127 not measured); group sizes 32 / 64 (a rescale every 1-2
-  // k32 steps) were not timed and stay on mma.sync
-  if (M >= kWgmmaMinM && d.Gp >= 128 && WgmmaUsable()) return 7;
+  // k32 steps) were not timed and stay on mma.sync. The kernel is the ping-pong + I2FP one (force_path 13):
+  // 1.05-1.16x the free-running one at M >= 128 on all five shapes (CUDA_NOTES.md v7 measured, H200 2026-12-03)
+  if (M >= kWgmmaMinM && d.Gp >= 128 && WgmmaUsable()) return 13;
   return 4;  // mma.sync prefill, 128 x 64 tiles
 }
 

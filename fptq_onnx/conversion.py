@@ -134,29 +134,11 @@ def _embedding_swapped(model: torch.nn.Module, embedding: EmbeddingPlan | None):
 def parity_from_logits(ref32: np.ndarray, ref64: np.ndarray | None, path: Path, ids: np.ndarray,
                        tolerance: float | None, metric: str):
     """`verify.check_parity` against reference logits of the full sequence (= prefill + decode)."""
-    from fptq_onnx.verify import Parity, onnx_prefill_decode
+    from fptq_onnx.verify import onnx_prefill_decode, parity_of
 
-    got_prefill, got_decode = onnx_prefill_decode(path, ids)
-    got = np.concatenate([got_prefill, got_decode], axis=1)
     ref = ref32 if metric == "max" else ref64
     noise_floor = None if metric == "max" else float(np.abs(ref32 - ref64).mean())
-    n = got_prefill.shape[1]
-    parity = Parity(
-        prefill_max_abs=float(np.abs(ref[:, :n] - got_prefill).max()),
-        decode_max_abs=float(np.abs(ref[:, n:] - got_decode).max()),
-        mean_abs=float(np.abs(ref - got).mean()),
-        logits_scale=float(np.abs(ref).max()),
-        top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).mean()),
-        metric=metric,
-        noise_floor=noise_floor,
-    )
-    if tolerance is not None and not parity.checked_value <= tolerance:
-        what = "max |logits diff|" if metric == "max" else "mean |logits diff| / fp32 noise floor"
-        raise FptqError(
-            f"parity check failed: {what} {parity.checked_value:.3g} > tolerance {tolerance:g} "
-            f"({parity.describe()}; --no-verify skips)"
-        )
-    return parity
+    return parity_of(ref, *onnx_prefill_decode(path, ids), metric, noise_floor, tolerance)
 
 
 class Conversion:

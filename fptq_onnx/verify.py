@@ -74,18 +74,23 @@ def check_parity(
 ) -> Parity:
     """Compare torch `model` with the ONNX file; raise when `metric`'s value exceeds `tolerance`."""
     ids = parity_ids(model.config.vocab_size) if ids is None else ids
-    ref_prefill, ref_decode = torch_prefill_decode(model, ids)
-    noise_floor = None
+    ref32 = np.concatenate(torch_prefill_decode(model, ids), axis=1)
+    ref, noise_floor = ref32, None
     if metric == "noise":
-        ref32 = np.concatenate([ref_prefill, ref_decode], axis=1)
-        ref_prefill, ref_decode = torch_prefill_decode(copy.deepcopy(model).double(), ids)
-        noise_floor = float(np.abs(ref32 - np.concatenate([ref_prefill, ref_decode], axis=1)).mean())
-    got_prefill, got_decode = onnx_prefill_decode(path, ids)
-    ref = np.concatenate([ref_prefill, ref_decode], axis=1)
+        ref = np.concatenate(torch_prefill_decode(copy.deepcopy(model).double(), ids), axis=1)
+        noise_floor = float(np.abs(ref32 - ref).mean())
+    return parity_of(ref, *onnx_prefill_decode(path, ids), metric, noise_floor, tolerance)
+
+
+def parity_of(ref: np.ndarray, got_prefill: np.ndarray, got_decode: np.ndarray, metric: str,
+              noise_floor: float | None, tolerance: float | None) -> Parity:
+    """ONNX Runtime's prefill + decode logits against the reference logits of the whole sequence;
+    raises when `metric`'s value exceeds `tolerance` (None: only measure)."""
+    n = got_prefill.shape[1]
     got = np.concatenate([got_prefill, got_decode], axis=1)
     parity = Parity(
-        prefill_max_abs=float(np.abs(ref_prefill - got_prefill).max()),
-        decode_max_abs=float(np.abs(ref_decode - got_decode).max()),
+        prefill_max_abs=float(np.abs(ref[:, :n] - got_prefill).max()),
+        decode_max_abs=float(np.abs(ref[:, n:] - got_decode).max()),
         mean_abs=float(np.abs(ref - got).mean()),
         logits_scale=float(np.abs(ref).max()),
         top1_agreement=float((ref.argmax(-1) == got.argmax(-1)).mean()),

@@ -5,8 +5,7 @@ torch with CUDA and, for the ORT rows, onnxruntime with CUDAExecutionProvider.
 In one go, for each K x N and M:
 
 * correctness of our kernels (direct entry points, static and per_token, with and
-  without zero points, every kernel variant incl. the sm_90a wgmma prefill in its three
-  variants: free-running, ping-pong, ping-pong with the I2FP conversion) against a
+  without zero points, every kernel variant incl. the sm_90a wgmma prefill) against a
   float64 reference on the GPU (y = s_a * q @ ((w - zp) * s)^T, the contract's numerics
   without rounding), and bit-exact checks on ragged shapes against the numpy reference;
 * kernel time (median of CUDA-graph replays, CUDA events) of ours (activation
@@ -46,11 +45,7 @@ MS = [1, 16, 128, 512, 2048, 4096]
 G = 128
 HBM = {"H200": 4.8e12, "H100": 3.35e12}  # vendor datasheet bytes/s (SXM)
 INT8_PEAK = 1979e12  # dense int8 tensor-core ops/s, H100/H200 SXM datasheet
-PATH_NAMES = {5: "decode v4", 1: "decode v5", 4: "mma.sync", 2: "mma.sync 128", 7: "wgmma",
-              10: "wgmma ping-pong", 13: "wgmma ping-pong I2F"}  # force_path values
-# the wgmma prefill kernel: free-running / ping-pong warpgroup schedule / ping-pong with the I2FP group
-# conversion (CUDA_NOTES.md v7)
-WGMMA_PATHS = [7, 10, 13]
+PATH_NAMES = {5: "decode v4", 1: "decode v5", 4: "mma.sync", 2: "mma.sync 128", 7: "wgmma"}  # force_path values
 
 # ---------------------------------------------------------------- library
 
@@ -247,9 +242,8 @@ def has_wgmma():
 
 
 def paths_for(M):
-    """Kernel variants checked at M: auto, decode v5 / v4 (M <= 16), mma.sync prefill 128/64, wgmma prefill
-    (both schedules)."""
-    wg = WGMMA_PATHS if has_wgmma() else []
+    """Kernel variants checked at M: auto, decode v5 / v4 (M <= 16), mma.sync prefill 128/64, wgmma prefill."""
+    wg = [7] if has_wgmma() else []
     return ([0, 1, 5, 4] if M <= 16 else [0, 2, 4]) + wg
 
 
@@ -338,7 +332,7 @@ def ragged_checks(lib):
                     Y = torch.empty(M, N, device="cuda")
                     ws = torch.empty(lib.fptq_cuda_workspace_bytes(K, N, Gr, M, int(tz is not None)),
                                      dtype=torch.uint8, device="cuda")
-                    for fp in ([0, 1, 2, 4, 5, 6] if M <= 16 else [0, 2, 4]) + (WGMMA_PATHS if has_wgmma() else []):
+                    for fp in ([0, 1, 2, 4, 5, 6] if M <= 16 else [0, 2, 4]) + ([7] if has_wgmma() else []):
                         Y.fill_(float("nan"))
                         err = lib.fptq_cuda_run(K, N, Gr, int(per_token), M, _p(tA), _p(act), _p(tbias), _p(Bp),
                                                 _p(sc), _p(zc), _p(Y), _p(ws), _stream(), fp, 0)
@@ -362,7 +356,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="one shape, M in {1, 128, 4096}")
     ap.add_argument("--no-ort", action="store_true", help="skip the ONNX Runtime rows")
     ap.add_argument("--decode-only", action="store_true", help="M in {1, 16} only")
-    ap.add_argument("--prefill-only", action="store_true", help="M >= 128 only (the wgmma schedules' comparison)")
+    ap.add_argument("--prefill-only", action="store_true", help="M >= 128 only (the prefill kernels)")
     ap.add_argument("--no-ragged", action="store_true", help="skip the ragged exact checks")
     ap.add_argument("--md", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
@@ -447,8 +441,7 @@ def main():
             if M > 16:
                 row["mma_us"], row["quant_us"] = ours_t(4), ours_t(3)
                 if has_wgmma():
-                    row["wgmma_us"], row["wgmma_pp_us"], row["wgmma_i2f_us"] = ours_t(7), ours_t(10), ours_t(13)
-                    row["wgmma_quant_us"] = ours_t(9)
+                    row["wgmma_us"], row["wgmma_quant_us"] = ours_t(7), ours_t(9)
             else:
                 row["decode_v4_us"], row["decode_v5_us"], row["quant_us"] = ours_t(5), ours_t(1), ours_t(3)
             if M == 1:
@@ -492,18 +485,13 @@ def _ratio(a, b):
 
 
 def _quant(r):
-    return r.get("wgmma_quant_us") if str(r.get("ours_path")).startswith("wgmma") else r.get("quant_us")
+    return r.get("wgmma_quant_us") if r.get("ours_path") == "wgmma" else r.get("quant_us")
 
 
 def _var(r):
     if r.get("decode_v4_us") is not None:
         return f"v4 {r['decode_v4_us']:.1f} / v5 {_f(r.get('decode_v5_us'))}"
-    return f"{_f(r.get('wgmma_us'))} / {_f(r.get('wgmma_pp_us'))} / {_f(r.get('wgmma_i2f_us'))} / {_f(r.get('mma_us'))}"
-
-
-def _vs(r, key):
-    """'x / y / z': fp16, FP8 and the free-running wgmma kernel's time over variant `key`'s time."""
-    return " / ".join(_f(_ratio(r.get(k), r.get(key)), "{:.2f}×") for k in ("fp16_us", "fp8_us", "wgmma_us"))
+    return f"{_f(r.get('wgmma_us'))} / {_f(r.get('mma_us'))}"
 
 
 def report(name, prop, l2, hbm, rows, checks, ort, argv):
@@ -520,10 +508,7 @@ def report(name, prop, l2, hbm, rows, checks, ort, argv):
         "weights stream from HBM. *ours* = activation quantization kernel + W4A8 kernel chosen automatically "
         "(static act scale, no zero points, group 128), the kernel it chose in the *auto path* column (its "
         "quantization kernel in *quant part*: the tiled one for wgmma); "
-        "*wgmma* = the sm_90a wgmma prefill kernel forced, with its own (tiled) quantization kernel, in its "
-        "free-running warpgroup schedule, *ping-pong* = the same kernel with the ping-pong schedule "
-        "(CUDA_NOTES.md v7; same results bit for bit), *I2F* = ping-pong with the I2FP group conversion (v7; "
-        "same bits); *vs wgmma* = wgmma time / that variant's time; *mma.sync* = "
+        "*wgmma* = the sm_90a wgmma prefill kernel forced, with its own (tiled) quantization kernel; *mma.sync* = "
         "the mma.sync prefill kernel (128×64 tiles) forced. Peers: cuBLAS fp16 `torch.matmul`; int8 `torch._int_mm` "
         "(M padded to 32); FP8 e4m3 `torch._scaled_mm` (bf16 out, M padded to 16); tinygemm W4A16 "
         "`torch._weight_int4pack_mm` (bf16, group 128). The int8/FP8 peers are timed on already-quantized "
@@ -533,11 +518,10 @@ def report(name, prop, l2, hbm, rows, checks, ort, argv):
         "",
         "| K×N | M | cuBLAS fp16 | int8 _int_mm | FP8 _scaled_mm | W4A16 tinygemm |"
         + (" MatMulNBits kern |" if has_nb else "")
-        + " ours | auto path | (quant part) | wgmma / ping-pong / I2F / mma.sync prefill, or decode v4 / v5 "
-        "| read probe | ours vs fp16 | ours vs FP8 | ours vs int8 | wgmma vs fp16 / FP8 | ping-pong vs fp16 / FP8 "
-        "/ wgmma | I2F vs fp16 / FP8 / wgmma | weight GB/s (% HBM) | TOPS (% int8 peak) |",
+        + " ours | auto path | (quant part) | wgmma / mma.sync prefill, or decode v4 / v5 | read probe "
+        "| ours vs fp16 | ours vs FP8 | ours vs int8 | wgmma vs fp16 / FP8 | weight GB/s (% HBM) | TOPS (% int8 peak) |",
         "|---|---:|---:|---:|---:|---:|" + ("---:|" if has_nb else "")
-        + "---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        + "---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         hb = "" if hbm is None else f" ({100 * r['ours_GBps'] * 1e9 / hbm:.0f}%)"
@@ -550,8 +534,7 @@ def report(name, prop, l2, hbm, rows, checks, ort, argv):
             f"{_f(_ratio(r.get('fp8_us'), r['ours_us']), '{:.2f}×')} | "
             f"{_f(_ratio(r.get('int8_us'), r['ours_us']), '{:.2f}×')} | "
             f"{_f(_ratio(r.get('fp16_us'), r.get('wgmma_us')), '{:.2f}×')} / "
-            f"{_f(_ratio(r.get('fp8_us'), r.get('wgmma_us')), '{:.2f}×')} | "
-            f"{_vs(r, 'wgmma_pp_us')} | {_vs(r, 'wgmma_i2f_us')} | {r['ours_GBps']:.0f}{hb} | "
+            f"{_f(_ratio(r.get('fp8_us'), r.get('wgmma_us')), '{:.2f}×')} | {r['ours_GBps']:.0f}{hb} | "
             f"{r['ours_TOPS']:.0f} ({100 * r['ours_TOPS'] * 1e12 / INT8_PEAK:.0f}%) |")
     big = [c for c in checks if "G" not in c]
     exact = [c for c in checks if "G" in c]
@@ -559,7 +542,7 @@ def report(name, prop, l2, hbm, rows, checks, ort, argv):
     worst = max([c["max_err"] for c in big] + [0.0])
     worst_rel = max([c["rel"] for c in big] + [0.0])
     lines += ["", f"Correctness on these shapes (vs float64 reference, static/per_token × zero points or not × "
-              f"every kernel variant for the M, the three wgmma variants included): {len(big) - n_bad}/{len(big)} ok; worst "
+              f"every kernel variant for the M, wgmma included): {len(big) - n_bad}/{len(big)} ok; worst "
               f"max|err|/max|ref| {worst:.1e}, worst ‖err‖/‖ref‖ {worst_rel:.1e}.",
               f"Exact checks on ragged shapes (K not a multiple of the group, groups 16…1024, odd N; power-of-two "
               f"scales so the numpy reference is exact), every kernel variant: "

@@ -261,7 +261,7 @@ class W4A8CudaKernel {
   OrtAllocator* alloc_ = nullptr;
   std::unique_ptr<DeviceBuffer> Bp_, sc_, zc_;  // packed constant weights (device)
   int force_path_ = [] {
-    // tests: decode / decode_v4 / prefill128 / prefill64 / prefill_wgmma / prefill_wgmma_pp / prefill_wgmma_pp_i2f
+    // tests: decode / decode_v4 / prefill128 / prefill64 / prefill_wgmma
     const char* e = std::getenv("FPTQ_OPS_CUDA_PATH");
     if (e == nullptr) return 0;
     if (std::strcmp(e, "decode") == 0) return 1;
@@ -269,8 +269,6 @@ class W4A8CudaKernel {
     if (std::strcmp(e, "prefill64") == 0) return 4;
     if (std::strcmp(e, "decode_v4") == 0) return 5;
     if (std::strcmp(e, "prefill_wgmma") == 0) return 7;
-    if (std::strcmp(e, "prefill_wgmma_pp") == 0) return 10;
-    if (std::strcmp(e, "prefill_wgmma_pp_i2f") == 0) return 13;
     return 0;
   }();
 };

@@ -1096,9 +1096,8 @@ int AutoPath(const Dims& d, int64_t M) {
   if (M <= 16) return 1;  // decode v5 streaming (v4 where it cannot run)
   // wgmma from kWgmmaMinM rows on (CUDA_NOTES.md v6.1: faster than mma.sync at M = 128, 512, 2048, 4096 on
   // all five shapes, H200 2026-12-03; M = 17..127 not measured); group sizes 32 / 64 (a rescale every 1-2
-  // k32 steps) were not timed and stay on mma.sync. The kernel is the ping-pong + I2FP one (force_path 13):
-  // 1.05-1.16x the free-running one at M >= 128 on all five shapes (CUDA_NOTES.md v7 measured, H200 2026-12-03)
-  if (M >= kWgmmaMinM && d.Gp >= 128 && WgmmaUsable()) return 13;
+  // k32 steps) were not timed and stay on mma.sync.  (The wgmma kernel's schedule: CUDA_NOTES.md v7.)
+  if (M >= kWgmmaMinM && d.Gp >= 128 && WgmmaUsable()) return 7;
   return 4;  // mma.sync prefill, 128 x 64 tiles
 }
 
@@ -1129,7 +1128,7 @@ std::string Run(const Problem& p, void* stream) {
   const bool decode = path == 1 || path == 5 || path == 6;
   const int S = path == 6 ? 6 : kDecStagesDefault;
   if (decode && p.M > 16) return "W4A8MatMul (CUDA): decode kernel needs M <= 16";
-  if (path == 7 || path == 9 || path == 10 || path == 13) return RunWgmma(p, path, stream);
+  if (path == 7 || path == 9) return RunWgmma(p, path, stream);
   StreamPlan sp;
   bool streaming = false;
   if ((path == 1 || path == 6) && IsSm90()) {

@@ -70,9 +70,8 @@ struct Problem {
                                      // sm_90 when its shared memory fits, else v4), 5 the v4 decode kernel,
                                      // 6 v5 with 6 stages, 2 prefill 128x128 tiles, 4 prefill 128x64 tiles,
                                      // 3 quantize only, 7 the wgmma prefill kernel (sm_90a, any M),
-                                     // 10 the same with the ping-pong warpgroup schedule (v7), 13 ping-pong
-                                     // with the I2FP group conversion (v7), 9 their tiled quantization
-                                     // only, 8/11/12 read-only bandwidth probes (no result); 0: AutoPath
+                                     // 9 its tiled quantization only, 8/11/12 read-only bandwidth
+                                     // probes (no result); 0: AutoPath
   int force_splits = 0;              // prefill split-K, both prefill kernels (0 auto)
 };
 

@@ -17,16 +17,16 @@
 // fills a ring of shared-memory stages with cp.async.bulk (weights 8 KiB +
 // activations 16 KiB + group scales / zero points / group sums per 128-k block),
 // full / empty mbarriers.  Persistent: one block per SM walks (tile, k-split)
-// units; the producer runs ahead across unit boundaries.  Per group the
-// accumulators start at the bits of 1.5 * 2^23 (groups <= 128), so the int32 ->
-// float conversion of the group sum is one FADD; then one FFMA with scale / 16.
-// Schedules (template PP): free-running (PP = false, force_path 7), both warpgroups issue their
-// wgmmas as soon as a stage is full, so they tend to run in lock step (their wgmmas interleave on the
-// tensor cores, both finish together, both rescale while the tensor cores idle); ping-pong (PP = true,
-// force_path 10, CUDA_NOTES.md v7), two named barriers hand the wgmma issue back and forth, so the
-// tensor cores run one warpgroup's wgmmas while the other rescales (or stores its epilogue).  Same
-// instructions on the same data in the same order per output element: bit-identical results.
-// force_path 13: ping-pong with the cheaper int32 -> float conversion (template I2F).
+// units; the producer runs ahead across unit boundaries.  A group's first wgmma
+// overwrites the accumulators (scale-d = 0), so they need no reset; at the group's
+// end each int32 sum is converted with I2FP (exact for groups <= 128: |sum| <=
+// 16 * 15 * 128 * 128 < 2^22, so the same float as the mma.sync kernels' magic-number
+// FADD) and added with one FFMA times scale / 16.
+// Ping-pong schedule (CUDA_NOTES.md v7): two named barriers hand the wgmma issue back
+// and forth between the consumer warpgroups, so the tensor cores run one warpgroup's
+// wgmmas while the other rescales (or stores its epilogue).  Measured on the H200
+// (v7): 1.05-1.16x the free-running schedule with the magic-number conversion that this
+// kernel replaced, with the same results bit for bit.
 #include "w4a8_cuda_wgmma.h"
 
 #include <cuda_runtime.h>
@@ -45,17 +45,13 @@ namespace {
 
 constexpr int kConsumerThreads = 256;                  // 2 warpgroups
 constexpr int kBlockThreads = kConsumerThreads + 128;  // + producer warpgroup (one thread of it issues the copies)
-// Register split by setmaxnreg (the 384-thread block starts at 168 each): the producer warpgroup gives
-// back down to 40, the consumers take 232, which the group > 128 variants need to hold their 64 int32
-// accumulators carried across k-blocks, 64 float sums and the A fragments without spilling.
-constexpr int kProducerRegs = 40;
-constexpr int kConsumerRegs = 232;
+// Register split by setmaxnreg (the 384-thread block starts at 168 each): the consumers peak at 153-164
+// registers (64 int32 accumulators, 64 float sums, the A fragments), and at 40 the producer of the
+// zero-point group-32/64 instances spilled (132 B; ptxas allocates the function as a whole), so the
+// producer warpgroup keeps 88 and the consumers take 208.
+constexpr int kProducerRegs = 88;
+constexpr int kConsumerRegs = 208;
 static_assert(128 * kProducerRegs + kConsumerThreads * kConsumerRegs <= 65536, "register file");
-// The I2F variants' consumers peak at 154-166 registers, and at 40 the producer of the zero-point
-// group-32/64 ones spilled (132 B): they split 56 / 224.
-constexpr int kProducerRegsI2f = 88;
-constexpr int kConsumerRegsI2f = 208;
-static_assert(128 * kProducerRegsI2f + kConsumerThreads * kConsumerRegsI2f <= 65536, "register file");
 constexpr int kStages = 6;
 // one stage: weights [8 tiles][2][32][16 B], activations (tiled), scales [4 groups][128],
 // zero points [4][128], group sums [4][128 tokens]
@@ -200,8 +196,6 @@ __global__ void __launch_bounds__(256, 4) QuantizeTiledKernel(Dims d, int M, int
 // ---------------------------------------------------------------- wgmma / TMA / mbarrier helpers
 
 #ifdef FPTQ_WGMMA_DEVICE
-constexpr int kMagicI = 0x4B400000;  // bits of 12582912.0f = 1.5 * 2^23
-constexpr float kMagicF = 12582912.0f;
 constexpr int kOffW = 0;
 
 __device__ __forceinline__ uint32_t Lo4(uint32_t x) { return (x << 4) & 0xF0F0F0F0u; }
@@ -317,12 +311,9 @@ __device__ __forceinline__ Unit GetUnit(int u, int NB, int splits, int nu, int U
 #endif  // FPTQ_WGMMA_DEVICE
 
 // QS: k32 steps per rescaling (Gp / 32 for groups <= 128, else 4 with the int32 sum carried over the
-// group's U = Gp / 128 k-blocks); MAGIC: groups <= 128 (magic-number int -> float conversion);
-// PP: the ping-pong schedule (file comment); I2F (with PP only, force_path 13): a group's first wgmma
-// overwrites the accumulators (scale-d = 0) and the rescale converts with I2FP, so the 64 resets per
-// group go and the magic FADD becomes one conversion (2 instead of 3 instructions per accumulator; the
-// same float for |sum| < 2^22, hence the same results).
-template <bool ZP, int QS, bool MAGIC, bool PP, bool I2F>
+// group's U = Gp / 128 k-blocks); SMALL_G: groups <= 128 (GPK = 4 / QS whole groups per k-block, their
+// scales in one stage).  Per accumulator and group: I2FP + FFMA (file comment).
+template <bool ZP, int QS, bool SMALL_G>
 __global__ void __launch_bounds__(kBlockThreads, 1)
     WgmmaPrefillKernel(Dims d, int M, int Mp, const int8_t* __restrict__ qT, const float* __restrict__ sa,
                        const int* __restrict__ qsT, Packed w, const float* __restrict__ bias, float* __restrict__ Y,
@@ -335,7 +326,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   const int nkb = static_cast<int>(d.nkb), Gp = static_cast<int>(d.Gp), Np = static_cast<int>(d.Np);
   const int ng = static_cast<int>(d.ng), N = static_cast<int>(d.N);
   constexpr int GPK = 4 / QS;        // rescalings per k-block
-  const int U = MAGIC ? 1 : Gp / 128;  // k-blocks per group
+  const int U = SMALL_G ? 1 : Gp / 128;  // k-blocks per group
   const int nu = nkb / U, NB = Np / 128;
   if (threadIdx.x == 0) {
     for (int s = 0; s < kStages; ++s) BarInit(full + s, 1), BarInit(empty + s, 8);
@@ -344,7 +335,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   __syncthreads();
 
   if (warp >= 8) {  // producer warpgroup: thread 256 issues the copies
-    RegsDec<I2F ? kProducerRegsI2f : kProducerRegs>();
+    RegsDec<kProducerRegs>();
     if (warp == 8 && lane == 0) {
       int it = 0;
       for (int u = blockIdx.x; u < n_units; u += gridDim.x) {
@@ -353,8 +344,8 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
           const int s = it % kStages;
           if (it >= kStages) BarWait(empty + s, ((it / kStages) - 1) & 1);
           uint8_t* st = smem + s * kStageBytes;
-          const int g0 = MAGIC ? kb * GPK : kb / U;
-          const int n_g = MAGIC ? max(0, min(GPK, ng - g0)) : (((kb + 1) % U) == 0 ? 1 : 0);
+          const int g0 = SMALL_G ? kb * GPK : kb / U;
+          const int n_g = SMALL_G ? max(0, min(GPK, ng - g0)) : (((kb + 1) % U) == 0 ? 1 : 0);
           const uint32_t bytes = 8192 + kWgBM * 128 + n_g * (512 + (ZP ? 128 + kWgBM * 4 : 0));
           BarExpectTx(full + s, bytes);
           Bulk(st + kOffW, w.Bp + (static_cast<int64_t>(x.nb) * nkb + kb) * 8192, 8192, full + s);
@@ -374,7 +365,7 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   }
 
   // consumers: warp w owns 16-column tile w of the block's 128 columns (warpgroup w / 4: m64 rows)
-  RegsInc<I2F ? kConsumerRegsI2f : kConsumerRegs>();
+  RegsInc<kConsumerRegs>();
   const int g = lane >> 2, t = lane & 3;
   // ping-pong: warpgroup wg waits for its turn (barrier 1 + wg) to issue a burst (the wgmmas of one
   // rescaling) and, once they are issued, gives the turn to the other one (barrier 2 - wg), so the bursts
@@ -386,8 +377,10 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
   int it = 0;
   for (int u = blockIdx.x; u < n_units; u += gridDim.x) {
     const Unit x = GetUnit(u, NB, splits, nu, U);
+    // acc: never read as set here (a unit starts on a group boundary, whose first wgmma overwrites it);
+    // this only gives the read-write asm operands a defined value
 #pragma unroll
-    for (int i = 0; i < 64; ++i) yf[i] = 0.0f, acc[i] = MAGIC ? kMagicI : 0;
+    for (int i = 0; i < 64; ++i) yf[i] = 0.0f, acc[i] = 0;
     for (int kb = x.kb0; kb < x.kb1; ++kb, ++it) {
       const int s = it % kStages;
       BarWait(full + s, (it / kStages) & 1);
@@ -404,21 +397,20 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
           const uint32_t xg = (c & 1) ? wq.z : wq.x, xg8 = (c & 1) ? wq.w : wq.y;
           af[cs][0] = Lo4(xg), af[cs][1] = Lo4(xg8), af[cs][2] = Hi4(xg), af[cs][3] = Hi4(xg8);
         }
-        if (PP) {
-          WaitTurn(wg, wg == 1 || !first_turn);
-          first_turn = false;
-        }
+        WaitTurn(wg, wg == 1 || !first_turn);
+        first_turn = false;
         WgFence();
+        // a group's first wgmma overwrites the accumulators (scale-d = 0)
 #pragma unroll
         for (int cs = 0; cs < QS; ++cs)
           Wgmma(acc, af[cs][0], af[cs][1], af[cs][2], af[cs][3], Desc(st + kOffA + (q * QS + cs) * (kWgBM * 32)),
-                !I2F || cs > 0 || (!MAGIC && (kb % U) != 0));
+                cs > 0 || (!SMALL_G && (kb % U) != 0));
         WgCommit();
-        if (PP) GiveTurn(wg);  // the other warpgroup's burst queues behind this one
+        GiveTurn(wg);  // the other warpgroup's burst queues behind this one
         WgWait0();
-        if (MAGIC || ((kb + 1) % U) == 0) {  // the group ends here: rescale and reset
-          const int gi = MAGIC ? kb * GPK + q : kb / U;
-          const int slot = MAGIC ? q : 0;
+        if (SMALL_G || ((kb + 1) % U) == 0) {  // the group ends here: rescale
+          const int gi = SMALL_G ? kb * GPK + q : kb / U;
+          const int slot = SMALL_G ? q : 0;
           if (gi < ng) {
             const float* sc = reinterpret_cast<const float*>(st + kOffS + slot * 512) + warp * 16;
             const float s0 = sc[g], s1 = sc[g + 8];
@@ -436,15 +428,9 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
                 v[0] += z0 * qv.x, v[1] += z0 * qv.y, v[2] += z1 * qv.x, v[3] += z1 * qv.y;
               }
 #pragma unroll
-              for (int r = 0; r < 4; ++r) {
-                const float f = (MAGIC && !I2F) ? (__int_as_float(v[r]) - kMagicF) : static_cast<float>(v[r]);
-                yf[4 * j + r] = fmaf(r < 2 ? s0 : s1, f, yf[4 * j + r]);
-              }
+              for (int r = 0; r < 4; ++r)
+                yf[4 * j + r] = fmaf(r < 2 ? s0 : s1, static_cast<float>(v[r]), yf[4 * j + r]);
             }
-          }
-          if (!I2F) {
-#pragma unroll
-            for (int i = 0; i < 64; ++i) acc[i] = MAGIC ? kMagicI : 0;
           }
         }
       }
@@ -475,32 +461,32 @@ __global__ void __launch_bounds__(kBlockThreads, 1)
     }
   }
   // ping-pong: warpgroup 1's last arrival on barrier 1 has no burst of warpgroup 0 after it; consume it
-  if (PP) WaitTurn(wg, wg == 0 && !first_turn);
+  WaitTurn(wg, wg == 0 && !first_turn);
 #endif
 }
 
-template <bool ZP, int QS, bool MAGIC, bool PP, bool I2F>
+template <bool ZP, int QS, bool SMALL_G>
 std::string Launch(const Problem& p, const int8_t* qT, const float* sa, const int* qsT, int Mp, int n_units,
                    int splits, void* stream) {
   static bool attr_set = false;
   if (!attr_set) {
-    cudaFuncSetAttribute(WgmmaPrefillKernel<ZP, QS, MAGIC, PP, I2F>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+    cudaFuncSetAttribute(WgmmaPrefillKernel<ZP, QS, SMALL_G>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                          kSmemBytes);
     attr_set = true;
   }
   const int grid = std::min(n_units, std::max(1, SmCount()));
-  WgmmaPrefillKernel<ZP, QS, MAGIC, PP, I2F><<<grid, kBlockThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
+  WgmmaPrefillKernel<ZP, QS, SMALL_G><<<grid, kBlockThreads, kSmemBytes, static_cast<cudaStream_t>(stream)>>>(
       p.d, static_cast<int>(p.M), Mp, qT, sa, qsT, p.w, p.bias, p.Y, n_units, splits);
   return LastErr("wgmma prefill kernel");
 }
 
-template <bool ZP, bool PP, bool I2F>
+template <bool ZP>
 std::string LaunchG(const Problem& p, const int8_t* qT, const float* sa, const int* qsT, int Mp, int n_units,
                     int splits, void* stream) {
-  if (p.d.Gp == 32) return Launch<ZP, 1, true, PP, I2F>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  if (p.d.Gp == 64) return Launch<ZP, 2, true, PP, I2F>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  if (p.d.Gp == 128) return Launch<ZP, 4, true, PP, I2F>(p, qT, sa, qsT, Mp, n_units, splits, stream);
-  return Launch<ZP, 4, false, PP, I2F>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 32) return Launch<ZP, 1, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 64) return Launch<ZP, 2, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  if (p.d.Gp == 128) return Launch<ZP, 4, true>(p, qT, sa, qsT, Mp, n_units, splits, stream);
+  return Launch<ZP, 4, false>(p, qT, sa, qsT, Mp, n_units, splits, stream);
 }
 
 struct WgLayout {
@@ -567,14 +553,8 @@ std::string RunWgmma(const Problem& p, int path, void* stream) {
   if (!err.empty() || path == 9) return err;  // 9: quantization only (benchmark breakdown)
   const int n_units = static_cast<int>(tiles * splits);
   const int mp = static_cast<int>(l.Mp), sp = static_cast<int>(splits);
-  if (path == 13)
-    return zp ? LaunchG<true, true, true>(p, qT, sa, qsT, mp, n_units, sp, stream)
-              : LaunchG<false, true, true>(p, qT, sa, qsT, mp, n_units, sp, stream);
-  if (path == 10)
-    return zp ? LaunchG<true, true, false>(p, qT, sa, qsT, mp, n_units, sp, stream)
-              : LaunchG<false, true, false>(p, qT, sa, qsT, mp, n_units, sp, stream);
-  return zp ? LaunchG<true, false, false>(p, qT, sa, qsT, mp, n_units, sp, stream)
-            : LaunchG<false, false, false>(p, qT, sa, qsT, mp, n_units, sp, stream);
+  return zp ? LaunchG<true>(p, qT, sa, qsT, mp, n_units, sp, stream)
+            : LaunchG<false>(p, qT, sa, qsT, mp, n_units, sp, stream);
 }
 
 }  // namespace gpu

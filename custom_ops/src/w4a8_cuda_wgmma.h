@@ -23,9 +23,8 @@ constexpr int kWgBM = 128;  // tokens per tile (wgmma N)
 // The current device is compute capability 9.0 (the kernel is built for sm_90a only).
 bool WgmmaUsable();
 size_t WgmmaWorkspaceBytes(const Dims& d, int64_t M, bool has_zp);
-// Quantizes A into the tiled layout and runs the wgmma kernel; path (a force_path value): 7 the
-// free-running schedule, 10 the ping-pong one, 13 ping-pong with the I2FP conversion (CUDA_NOTES.md v7),
-// 9 the quantization only.
+// Quantizes A into the tiled layout and runs the wgmma kernel; path (a force_path value): 7 the whole
+// matmul, 9 the quantization only (benchmark breakdown).
 std::string RunWgmma(const Problem& p, int path, void* stream);
 
 }  // namespace gpu

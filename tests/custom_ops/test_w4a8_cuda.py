@@ -107,15 +107,14 @@ def _is_sm90():
     return torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 
 
-# the wgmma kernel: free-running, ping-pong schedule, ping-pong with the I2FP conversion (CUDA_NOTES.md v7)
-WGMMA_PATHS = ("prefill_wgmma", "prefill_wgmma_pp", "prefill_wgmma_pp_i2f")
+WGMMA = "prefill_wgmma"  # the sm_90a wgmma prefill kernel (CUDA_NOTES.md v6 / v7)
 
 
 @pytest.fixture
 def cuda_path(request, monkeypatch):
     """Force a decode (v5 streaming / v4) or prefill kernel (read when the session creates the kernel)."""
     name = getattr(request, "param", None)
-    if name in WGMMA_PATHS and not _is_sm90():
+    if name == WGMMA and not _is_sm90():
         pytest.skip("the wgmma prefill kernel needs compute capability 9.0")
     if name is None:
         monkeypatch.delenv("FPTQ_OPS_CUDA_PATH", raising=False)
@@ -140,7 +139,7 @@ MS = [1, 5, 16, 17, 128, 1000]
 # ---------------------------------------------------------------- correctness
 
 
-@pytest.mark.parametrize("cuda_path", [None, "prefill128", *WGMMA_PATHS], indirect=True)
+@pytest.mark.parametrize("cuda_path", [None, "prefill128", WGMMA], indirect=True)
 @pytest.mark.parametrize("K,N,G", SHAPES)
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
 def test_matches_reference_exactly(K, N, G, act_mode, cuda_path):
@@ -160,7 +159,7 @@ def test_matches_reference_exactly(K, N, G, act_mode, cuda_path):
             np.testing.assert_array_equal(y, ref, err_msg=f"M={M} zp={with_zp} bias={with_bias}")
 
 
-@pytest.mark.parametrize("cuda_path", ["decode", "decode_v4", "prefill128", "prefill64", *WGMMA_PATHS], indirect=True)
+@pytest.mark.parametrize("cuda_path", ["decode", "decode_v4", "prefill128", "prefill64", WGMMA], indirect=True)
 @pytest.mark.parametrize("K,N,G", [(576, 40, 128), (100, 24, 32), (80, 11, 16), (512, 9, 256)])
 def test_both_kernels_small_m(K, N, G, cuda_path):
     """M <= 16 through the decode kernel and through both prefill kernels (split-K)."""
@@ -260,8 +259,7 @@ def test_io_binding_on_device_no_fallback():
 
 # ---------------------------------------------------------------- direct entry points (torch buffers, no ORT)
 
-PATHS = {"auto": 0, "decode": 1, "decode_v4": 5, "prefill128": 2, "prefill64": 4, "prefill_wgmma": 7,
-         "prefill_wgmma_pp": 10, "prefill_wgmma_pp_i2f": 13}
+PATHS = {"auto": 0, "decode": 1, "decode_v4": 5, "prefill128": 2, "prefill64": 4, WGMMA: 7}
 
 
 @pytest.fixture(scope="module")
@@ -309,17 +307,17 @@ def _run_direct(torch, lib, K, N, G, act_mode, B, s, zp, act_scale, bias, a, for
     return Y.cpu().numpy()
 
 
-@pytest.mark.parametrize("path", ["auto", *WGMMA_PATHS, "prefill64"])
+@pytest.mark.parametrize("path", ["auto", WGMMA, "prefill64"])
 @pytest.mark.parametrize("K,N,G", SHAPES + [(320, 2048, 64), (4160, 136, 128)])
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
 def test_direct_prefill_exact(direct, K, N, G, act_mode, path):
     """Every prefill kernel, ragged K / N / M, with and without zero points and bias: bit-exact.
 
     (320, 2048, 64) at M = 1200 gives 160 (tile, split) units, more than the SMs of an H200, so the
-    wgmma kernel's persistent loop and its stage ring cross unit boundaries (and the ping-pong
+    wgmma kernel's persistent loop and its stage ring cross unit boundaries (and its ping-pong
     schedule's turn hand-over crosses them too)."""
     torch, lib = direct
-    if path in WGMMA_PATHS and not _is_sm90():
+    if path == WGMMA and not _is_sm90():
         pytest.skip("the wgmma prefill kernel needs compute capability 9.0")
     rng = np.random.default_rng(zlib.crc32(repr((K, N, G, act_mode, path)).encode()))
     for variant in range(4):
@@ -334,10 +332,9 @@ def test_direct_prefill_exact(direct, K, N, G, act_mode, path):
             np.testing.assert_array_equal(y, ref, err_msg=f"M={M} zp={with_zp} bias={with_bias}")
 
 
-@pytest.mark.parametrize("path", WGMMA_PATHS)
 @pytest.mark.parametrize("splits", [2, 3, 8])
 @pytest.mark.parametrize("K,N,G", [(1000, 300, 128), (2112, 200, 1024), (576, 40, 32)])
-def test_direct_wgmma_split_k(direct, K, N, G, splits, path):
+def test_direct_wgmma_split_k(direct, K, N, G, splits):
     """The wgmma kernel's split-K (group-aligned k ranges, atomicAdd into a zeroed Y): exact."""
     torch, lib = direct
     if not _is_sm90():
@@ -348,14 +345,13 @@ def test_direct_wgmma_split_k(direct, K, N, G, splits, path):
     act_scale = np.array(0.125, np.float32)
     for M in (5, 200):
         a = make_activations(rng, (M, K), "static")
-        y = _run_direct(torch, lib, K, N, G, "static", B, s, zp, act_scale, bias, a, PATHS[path], splits)
+        y = _run_direct(torch, lib, K, N, G, "static", B, s, zp, act_scale, bias, a, PATHS[WGMMA], splits)
         np.testing.assert_array_equal(y, custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, "static"))
 
 
-@pytest.mark.parametrize("path", WGMMA_PATHS)
 @pytest.mark.parametrize("G", [32, 128, 256])
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
-def test_direct_wgmma_extreme_values(direct, G, act_mode, path):
+def test_direct_wgmma_extreme_values(direct, G, act_mode):
     """Largest |products| through the wgmma kernel (q = -128 / 127, nibbles 0 / 15, zero point 0 / 15)."""
     torch, lib = direct
     if not _is_sm90():
@@ -368,45 +364,49 @@ def test_direct_wgmma_extreme_values(direct, G, act_mode, path):
         act_scale = np.array(1.0, np.float32) if act_mode == "static" else None
         for a_value in (-1e4, 1e4):
             a = np.full((130, K), a_value, np.float32)
-            y = _run_direct(torch, lib, K, N, G, act_mode, B, s, zp, act_scale, None, a, PATHS[path])
+            y = _run_direct(torch, lib, K, N, G, act_mode, B, s, zp, act_scale, None, a, PATHS[WGMMA])
             np.testing.assert_array_equal(y, custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, None, K, N, G, act_mode))
 
 
 @pytest.mark.parametrize("K,N,G", [(4160, 136, 128), (320, 2048, 64), (2112, 200, 1024), (100, 24, 32)])
 @pytest.mark.parametrize("act_mode", ["static", "per_token"])
-def test_direct_wgmma_pingpong_bit_identical(direct, K, N, G, act_mode):
-    """General (non power-of-two) scales, where float rounding shows any change of order: the ping-pong
-    schedule (with either int32 -> float conversion) gives the free-running kernel's bits (same
-    operations per output element) and stays within float32 summation error of the float64 reference."""
+def test_direct_wgmma_general_scales_match_mma_sync(direct, K, N, G, act_mode):
+    """General (non power-of-two) scales, where float rounding shows any change of order: with the same
+    k-split (none) the wgmma kernel gives the mma.sync prefill kernel's bits (exact integer group sums;
+    the same float per group: I2FP in both for groups > 128, against their magic-number FADD for groups
+    <= 128, where |sum| < 2^22 makes both exact; the same FFMA order over groups; the same epilogue), and
+    with its own split-K it stays within float32 summation error of the float64 reference."""
     torch, lib = direct
     if not _is_sm90():
         pytest.skip("the wgmma prefill kernel needs compute capability 9.0")
-    rng = np.random.default_rng(zlib.crc32(repr((K, N, G, act_mode, "pp")).encode()))
+    rng = np.random.default_rng(zlib.crc32(repr((K, N, G, act_mode, "general")).encode()))
     for with_zp in (False, True):
         B, s, zp = make_weights(rng, K, N, G, with_zp, exact=False)
         bias = rng.uniform(-1, 1, size=N).astype(np.float32)
         act_scale = np.array(0.0371, np.float32) if act_mode == "static" else None
         for M in (17, 300, 1200 if N == 2048 else 129):
             a = make_activations(rng, (M, K), act_mode, exact=False)
-            ys = [_run_direct(torch, lib, K, N, G, act_mode, B, s, zp, act_scale, bias, a, PATHS[p]) for p in WGMMA_PATHS]
+            args = (torch, lib, K, N, G, act_mode, B, s, zp, act_scale, bias, a)
+            y_wg, y_mma = (_run_direct(*args, PATHS[p], splits=1) for p in (WGMMA, "prefill64"))
+            np.testing.assert_array_equal(y_wg, y_mma, err_msg=f"M={M} zp={with_zp}")
+            y_auto = _run_direct(*args, PATHS[WGMMA])
             ref = custom_ops.reference_w4a8_matmul(a, B, s, zp, act_scale, bias, K, N, G, act_mode).astype(np.float64)
-            for path, y in zip(WGMMA_PATHS[1:], ys[1:]):
-                np.testing.assert_array_equal(y, ys[0], err_msg=f"{path} M={M} zp={with_zp}")
-            assert np.abs(ys[0] - ref).max() <= 1e-5 * np.abs(ref).max(), f"M={M} zp={with_zp}"
+            for y in (y_wg, y_auto):
+                assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max(), f"M={M} zp={with_zp}"
 
 
 def test_direct_auto_rule(direct):
-    """The auto rule (gpu::AutoPath): decode v4 / v5 up to M = 16, a wgmma kernel on sm_90 from M = 128
-    with groups >= 128, the mma.sync kernel otherwise (CUDA_NOTES.md v6.1)."""
+    """The auto rule (gpu::AutoPath): decode v4 / v5 up to M = 16, the wgmma kernel on sm_90 from M = 128
+    with groups >= 128, the mma.sync kernel otherwise (CUDA_NOTES.md v6.1, v7)."""
     _, lib = direct
     lib.fptq_cuda_auto_path.restype = ctypes.c_int
     lib.fptq_cuda_auto_path.argtypes = [ctypes.c_int64] * 4
-    wgmma = {PATHS[p] for p in WGMMA_PATHS} if _is_sm90() else {PATHS["prefill64"]}
+    prefill = PATHS[WGMMA] if _is_sm90() else PATHS["prefill64"]
     assert lib.fptq_cuda_auto_path(4096, 4096, 128, 8) == PATHS["decode_v4"]
     assert lib.fptq_cuda_auto_path(4096, 4096, 128, 16) == PATHS["decode"]
     assert lib.fptq_cuda_auto_path(4096, 4096, 128, 127) == PATHS["prefill64"]
     for M, G in ((128, 128), (4096, 128), (128, 1024)):
-        assert lib.fptq_cuda_auto_path(4096, 4096, G, M) in wgmma, (M, G)
+        assert lib.fptq_cuda_auto_path(4096, 4096, G, M) == prefill, (M, G)
     assert lib.fptq_cuda_auto_path(4096, 4096, 64, 4096) == PATHS["prefill64"]
 
 

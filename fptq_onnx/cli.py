@@ -29,6 +29,10 @@ DeviceOpt = Annotated[
     Optional[str],
     typer.Option(help="Where torch runs calibration, GPTQ and the weight searches: cpu or cuda (default: cuda if available)."),
 ]
+ProviderOpt = Annotated[
+    str,
+    typer.Option(help="ONNX Runtime execution provider that scores: cpu, or cuda (onnxruntime-gpu; quantized models are scored through float-op copies with the CPU's arithmetic)."),
+]
 
 
 def model_and_output(model: str | None, out: Path | None) -> tuple[str | None, Path]:
@@ -164,12 +168,13 @@ def eval_(
     threads: Annotated[int, typer.Option(help="ONNX Runtime intra-op threads (0 = ORT default).")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the results as JSON here.")] = None,
     allow_calibration_overlap: Annotated[bool, typer.Option("--allow-calibration-overlap", help="Score a perplexity on the model's own calibration text anyway (marked in the output).")] = False,
+    provider: ProviderOpt = "cpu",
 ) -> None:
     """Evaluate through ONNX Runtime: perplexity, zero-shot tasks and MMLU; prints JSON."""
     from fptq_onnx.evaluation_cli import run_eval
 
     run_eval(onnx_model, [t.strip() for t in task.split(",") if t.strip()], seqlen, limit, data_dir,
-             threads or None, json_out, windows, num_fewshot, allow_calibration_overlap)
+             threads or None, json_out, windows, num_fewshot, allow_calibration_overlap, provider)
 
 
 @app.command()
@@ -193,6 +198,8 @@ def compare(
     allow_calibration_overlap: Annotated[bool, typer.Option("--allow-calibration-overlap", help="Score a perplexity on the calibration text anyway (marked in the table).")] = False,
     stream: Annotated[Optional[bool], typer.Option("--stream/--no-stream", help="Read one decoder layer at a time from the safetensors files; default: when the model would not fit in memory.")] = None,
     device: DeviceOpt = None,
+    provider: ProviderOpt = "cpu",
+    jobs: Annotated[int, typer.Option(help="Models scored at once, each in its own process (ORT threads split between them unless --threads).")] = 1,
 ) -> None:
     """Quantize one model with several methods, score each through ONNX Runtime, write a table and a chart."""
     from fptq_onnx.calibration import CalibrationConfig
@@ -205,7 +212,7 @@ def compare(
         calibration=CalibrationConfig(source=calib, samples=calib_samples, seqlen=calib_seqlen, seed=seed,
                                       data_dir=data_dir),
         force=force, verify=verify, threads=threads or None, allow_pickle=allow_pickle, stream=stream, device=device,
-        allow_calibration_overlap=allow_calibration_overlap,
+        allow_calibration_overlap=allow_calibration_overlap, provider=provider, jobs=jobs,
     )
     print(table.read_text())
 

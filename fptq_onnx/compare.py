@@ -35,14 +35,31 @@ FLOAT_ROW = SimpleNamespace(__name__=FLOAT_METHOD,
                             plan_layer=lambda ctx, config: QuantPlan(FLOAT_METHOD, {}, ctx.calibration))
 
 
-def _evaluate(evaluate, scorer, tokenizer, tasks, data_dir, seqlen, limit, item_limit, max_length, progress) -> dict:
-    """Perplexity tasks capped at `limit` windows, zero-shot tasks at `item_limit` items; task order kept."""
+def score_model(path: Path, tasks: list[str], data_dir, seqlen: int, limit, item_limit, provider: str,
+                threads: int | None, progress: bool) -> dict:
+    """One row's scores through ORT on `provider`: perplexity tasks capped at `limit` windows, zero-shot tasks
+    at `item_limit` items, task order kept. A top-level function, so that `--jobs` can run it in a process."""
+    from fptq_onnx.ep_models import scoring_lm
+    from fptq_onnx.evaluation import evaluate
+    from fptq_onnx.evaluation_cli import model_max_length
+    from fptq_onnx.loading import load_onnx_tokenizer
+
+    lm = scoring_lm(path, provider, threads)
+    tokenizer, max_length = load_onnx_tokenizer(path), model_max_length(path)
     results = {}
     for task in tasks:
         cap = limit if is_perplexity_task(task) else item_limit
-        results.update(evaluate(scorer, tokenizer, [task], data_dir=data_dir, seqlen=seqlen, limit=cap,
+        results.update(evaluate(lm, tokenizer, [task], data_dir=data_dir, seqlen=seqlen, limit=cap,
                                 max_length=max_length, progress=progress))
     return results
+
+
+def _score_in_worker(*args) -> dict:
+    """score_model in a `--jobs` worker: a user error comes back as a value, so the other rows go on."""
+    try:
+        return {"results": score_model(*args)}
+    except FptqError as exc:
+        return {"error": str(exc)}
 
 
 def build_models(model_arg, todo: list[dict], calibration: CalibrationConfig, verify: bool, allow_pickle: bool,
@@ -114,20 +131,25 @@ def compare_command(
     stream: bool | None = None,
     device: str | None = None,
     allow_calibration_overlap: bool = False,
+    provider: str = "cpu",
+    jobs: int = 1,
 ) -> Path:
-    """Convert `model_arg` with every method, evaluate each through ORT, write results; returns comparison.md."""
-    from fptq_onnx.evaluation import evaluate
-    from fptq_onnx.evaluation_cli import model_max_length
-    from fptq_onnx.loading import load_onnx_tokenizer
-    from fptq_onnx.runtime import OnnxCausalLM
+    """Convert `model_arg` with every method, evaluate each through ORT, write results; returns comparison.md.
+
+    provider: the ORT execution provider that scores ('cpu' or 'cuda', same numbers: ep_models.py); jobs:
+    rows scored at once, each in its own process (the intra-op threads split between them unless given).
+    """
+    from fptq_onnx.ep_models import PROVIDERS
 
     start = time.perf_counter()
     rows = check_methods(methods)
     task_names = check_tasks(tasks, data_dir)
     item_limit = limit if item_limit is None else item_limit
-    for what, value in (("limit", limit), ("item limit", item_limit)):
+    for what, value in (("limit", limit), ("item limit", item_limit), ("jobs", jobs)):
         if value is not None and value < 1:
             raise FptqError(f"{what} must be >= 1, got {value}")
+    if provider not in PROVIDERS:
+        raise FptqError(f"unknown provider '{provider}'; known: {', '.join(PROVIDERS)}")
     calibration = calibration or CalibrationConfig()
     if calibration.data_dir is None and data_dir is not None:
         calibration = dataclasses.replace(calibration, data_dir=data_dir)
@@ -139,10 +161,13 @@ def compare_command(
     out_dir.mkdir(parents=True, exist_ok=True)
     if not os.access(out_dir, os.W_OK):
         raise FptqError(f"output directory is not writable: {out_dir}")
+    if jobs > 1 and threads is None:
+        threads = max(1, (os.cpu_count() or 1) // jobs)
 
     previous = {} if force else read_previous(out_dir)
-    eval_key = {"tasks": task_names, "limit": limit, "item_limit": item_limit, "seqlen": seqlen}
-    report = {"model": model_arg or "smollm2-135m (default)", "tasks": task_names, "eval": {**eval_key, "threads": threads},
+    eval_key = {"tasks": task_names, "limit": limit, "item_limit": item_limit, "seqlen": seqlen, "provider": provider}
+    report = {"model": model_arg or "smollm2-135m (default)", "tasks": task_names,
+              "eval": {**eval_key, "threads": threads, "jobs": jobs},
               "calibration": calibration.describe(), "methods": {}}
     if overlap:
         report["calibration_overlap"] = overlap
@@ -158,45 +183,88 @@ def compare_command(
     todo = [row for row in table if row["built"]]
     if todo:
         report["model"] = build_models(model_arg, todo, calibration, verify, allow_pickle, stream, device, progress)
+    entries = {row["spec"].label: _entry(row, previous, task_names, eval_key) for row in table}
+    report["methods"] = entries
+    to_score = [row for row in table if entries[row["spec"].label].get("missing")]
+    settings = (data_dir, seqlen, limit, item_limit, provider, threads)
     for i, row in enumerate(table, 1):
-        spec, path, fmt = row["spec"], row["path"], row["fmt"]
-        label = spec.label
-        say(f"[{i}/{len(table)}] {spec.text} -> {path} ({fmt})")
-        if not row["built"]:
-            say("  reusing the existing " + ("float export" if spec.is_float else "converted model (manifest matches)"))
-        entry: dict = {"spec": spec.text, "method": spec.name, "options": spec.options, "format": fmt, "path": str(path),
-                       "config": None if row["config"] is None else _jsonable(dataclasses.asdict(row["config"]))}
-        method_start = time.perf_counter()
-        try:
-            if row.get("error"):
-                raise FptqError(row["error"])
-            manifest = row["manifest"]
-            entry["describe"] = describe_manifest(manifest)
-            entry["size_bytes"] = model_bytes(path)
-            if manifest is not None and manifest.get("parity"):
-                entry["parity"] = manifest["parity"]
-            cached = {} if row["built"] else cached_scores(previous, label, spec, eval_key, entry["size_bytes"])
-            missing = [task for task in task_names if task not in cached]
-            if cached:
-                say(f"  reusing the existing scores ({', '.join(cached)})")
-            scored = {}
-            if missing:
-                with step(f"evaluating {label} through ONNX Runtime ({', '.join(missing)})"):
-                    lm = OnnxCausalLM(path, threads=threads, spin=False)
-                    scored = _evaluate(evaluate, lm, load_onnx_tokenizer(path), missing, data_dir,
-                                       seqlen, limit, item_limit, model_max_length(path), progress)
-                    del lm
-            entry["results"] = {task: cached.get(task) or scored[task] for task in task_names}
-            entry["eval_seconds"] = round(sum(result["seconds"] for result in entry["results"].values()), 1)
-            entry["eval"] = eval_key
-            say("  " + summary_line(entry, task_names))
-        except FptqError as exc:
-            # One broken method must not cost the others' hours: record it and go on.
-            say(f"  FAILED: {exc}")
-            entry["error"] = str(exc)
-        entry["seconds"] = round(time.perf_counter() - method_start, 1)
-        report["methods"][label] = entry
-        write_outputs(report, out_dir)
+        say(f"[{i}/{len(table)}] {row['spec'].text} -> {row['path']} ({row['fmt']})"
+            + ("" if row["built"] else ", reusing the existing " + (
+                "float export" if row["spec"].is_float else "converted model (manifest matches)")))
+    if jobs > 1 and len(to_score) > 1:
+        _score_in_processes(to_score, entries, settings, jobs, report, out_dir, task_names)
+    else:
+        for row in to_score:
+            entry = entries[row["spec"].label]
+            method_start = time.perf_counter()
+            with step(f"evaluating {row['spec'].label} through ONNX Runtime on {provider} "
+                      f"({', '.join(entry['missing'])})"):
+                try:
+                    outcome = {"results": score_model(row["path"], entry["missing"], *settings, progress)}
+                except FptqError as exc:
+                    outcome = {"error": str(exc)}
+            _finish(entry, outcome, task_names, time.perf_counter() - method_start)
+            write_outputs(report, out_dir)
+    for entry in entries.values():
+        entry.pop("missing", None)
+        entry.setdefault("seconds", 0.0)
+    write_outputs(report, out_dir)
     say(f"compared {len(table)} methods in {time.perf_counter() - start:.0f} s; wrote {out_dir / RESULTS_FILE}, "
         f"{TABLE_FILE}, {PLOT_FILE}")
     return out_dir / TABLE_FILE
+
+
+def _entry(row: dict, previous: dict, task_names: list[str], eval_key: dict) -> dict:
+    """A row's report entry before scoring: what it is, its reusable scores, and the tasks still to score."""
+    spec, path = row["spec"], row["path"]
+    entry: dict = {"spec": spec.text, "method": spec.name, "options": spec.options, "format": row["fmt"],
+                   "path": str(path),
+                   "config": None if row["config"] is None else _jsonable(dataclasses.asdict(row["config"]))}
+    if row.get("error"):
+        entry["error"] = row["error"]
+        say(f"  {spec.label} FAILED: {row['error']}")
+        return entry
+    manifest = row["manifest"]
+    entry["describe"] = describe_manifest(manifest)
+    entry["size_bytes"] = model_bytes(path)
+    if manifest is not None and manifest.get("parity"):
+        entry["parity"] = manifest["parity"]
+    cached = {} if row["built"] else cached_scores(previous, spec.label, spec, eval_key, entry["size_bytes"])
+    if cached:
+        say(f"  {spec.label}: reusing the existing scores ({', '.join(cached)})")
+    entry["results"] = cached
+    entry["eval"] = eval_key
+    entry["missing"] = [task for task in task_names if task not in cached]
+    if not entry["missing"]:
+        _finish(entry, {"results": {}}, task_names, 0.0)
+    return entry
+
+
+def _finish(entry: dict, outcome: dict, task_names: list[str], seconds: float) -> None:
+    """Merge a scoring outcome into the entry and say its summary line (or its error)."""
+    entry["seconds"] = round(seconds, 1)
+    if "error" in outcome:
+        # One broken method must not cost the others' hours: record it and go on.
+        say(f"  {entry['spec']} FAILED: {outcome['error']}")
+        entry["error"] = outcome["error"]
+        return
+    entry["results"] = {task: entry["results"].get(task) or outcome["results"][task] for task in task_names}
+    entry["eval_seconds"] = round(sum(result["seconds"] for result in entry["results"].values()), 1)
+    entry.pop("missing", None)
+    say(f"  {entry['spec']}: " + summary_line(entry, task_names))
+
+
+def _score_in_processes(rows: list[dict], entries: dict, settings: tuple, jobs: int, report: dict, out_dir: Path,
+                        task_names: list[str]) -> None:
+    """Score rows `jobs` at a time, each in a fresh process (spawned: no forked ORT or torch state)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    say(f"scoring {len(rows)} models, {jobs} at a time, on {settings[4]} ({settings[5]} threads each)")
+    started = time.perf_counter()
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_score_in_worker, row["path"], entries[row["spec"].label]["missing"], *settings, False):
+                   row["spec"].label for row in rows}
+        for future in as_completed(futures):
+            _finish(entries[futures[future]], future.result(), task_names, time.perf_counter() - started)
+            write_outputs(report, out_dir)

@@ -127,7 +127,8 @@ def render_table(report: dict) -> str:
         "",
         *lines,
         "",
-        f"Evaluated through ONNX Runtime ({ev.get('threads') or 'default'} threads); perplexity windows of "
+        f"Evaluated through ONNX Runtime on {_where(ev.get('provider', 'cpu'))} ({ev.get('threads') or 'default'} "
+        f"threads); perplexity windows of "
         f"{ev['seqlen']} tokens; at most {_cap(ev.get('limit'))} windows per perplexity task and "
         f"{_cap(ev.get('item_limit', ev.get('limit')))} items per zero-shot task "
         f"(n per task in {RESULTS_FILE}). Calibration: {cal.get('source')} {cal.get('samples')} x {cal.get('seqlen')} "
@@ -138,6 +139,12 @@ def render_table(report: dict) -> str:
         "Formats: qdq except ORT-native methods (ort-acc4: MatMulNBits accuracy_level 4).",
     ]
     return "\n".join(notes) + "\n"
+
+
+def _where(provider: str) -> str:
+    if provider == "cuda":
+        return "the CUDA EP (quantized models through float-op copies with the CPU EP's arithmetic)"
+    return "the CPU EP"
 
 
 def _cap(value) -> str:

@@ -9,7 +9,6 @@ from pathlib import Path
 from fptq_onnx.errors import FptqError
 from fptq_onnx.loading import load_onnx_tokenizer
 from fptq_onnx.report import say
-from fptq_onnx.runtime import OnnxCausalLM
 
 
 def model_max_length(onnx_path: Path) -> int | None:
@@ -25,12 +24,14 @@ def model_max_length(onnx_path: Path) -> int | None:
 
 def run_eval(onnx_path: Path, tasks: list[str], seqlen: int, limit: int | None, data_dir: str | None,
              threads: int | None, json_out: Path | None, windows: int | None = None, num_fewshot: int = 0,
-             allow_calibration_overlap: bool = False) -> dict:
+             allow_calibration_overlap: bool = False, provider: str = "cpu") -> dict:
     """Score the model on every task; print the JSON report (per task: metrics, n, seconds, items/s).
 
     A perplexity on the text the model was calibrated on is refused before any scoring
-    (`leakage.py`); allowed, it is marked in the report.
+    (`leakage.py`); allowed, it is marked in the report. `provider`: the ORT EP that scores, with the
+    CPU's numbers on either (ep_models.py).
     """
+    from fptq_onnx.ep_models import scoring_lm
     from fptq_onnx.evaluation import evaluate
     from fptq_onnx.leakage import check_corpora, model_calibration, perplexity_corpora
 
@@ -38,13 +39,13 @@ def run_eval(onnx_path: Path, tasks: list[str], seqlen: int, limit: int | None, 
         raise FptqError(f"directory for --json does not exist: {Path(json_out).parent}")
     overlap = check_corpora(model_calibration(onnx_path), perplexity_corpora(tasks, data_dir),
                             allow_calibration_overlap)
-    lm = OnnxCausalLM(onnx_path, threads=threads, spin=False)
+    lm = scoring_lm(onnx_path, provider, threads)
     tokenizer = load_onnx_tokenizer(onnx_path)
     start = time.perf_counter()
     results = evaluate(lm, tokenizer, tasks, data_dir=data_dir, seqlen=seqlen, limit=limit,
                        max_length=model_max_length(onnx_path), progress=True, windows=windows,
                        num_fewshot=num_fewshot)
-    report = {"model": str(onnx_path), "seqlen": seqlen, "limit": limit, "windows": windows,
+    report = {"model": str(onnx_path), "provider": provider, "seqlen": seqlen, "limit": limit, "windows": windows,
               "num_fewshot": num_fewshot, "seconds": round(time.perf_counter() - start, 1), "results": results}
     if overlap:
         report["calibration_overlap"] = overlap  # scored on the calibration text: optimistic

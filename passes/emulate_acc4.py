@@ -27,7 +27,8 @@ MatMul(q * scale, DequantizeLinear(B)) up to float summation order. ONNX Round i
 
 The weight's DequantizeLinear is left in place (a later pass folds it). Re-running the
 emulated graph through MLAS acc4 is harmless: an already quantized block re-quantizes to the
-same integers.
+same integers. The pass is idempotent: the last node of each fake quantization is marked, and a
+MatMul fed by a marked node is skipped.
 """
 
 from __future__ import annotations
@@ -41,15 +42,17 @@ from fptq_onnx.quant import INT8_MAX
 
 _FOUR_BIT = (ir.DataType.INT4, ir.DataType.UINT4)
 _SCALE_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16)
+_MARK = "fptq.acc4_fake_quant"
 
 
 class EmulateAcc4Pass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
+        constants = _Constants(graph)
         shared: dict[tuple[int, int, int], ir.Value] = {}
         modified = False
         for node in list(graph):
-            block = fused_block(graph, node)
+            block = _fused_block(graph, node)
             if block is None:
                 continue
             k, g = block
@@ -58,19 +61,21 @@ class EmulateAcc4Pass(ir.passes.InPlacePass):
                 raise FptqError(f"{node.name}: acc4 emulation handles float32 activations, got {x.dtype}")
             key = (id(x), k, g)
             if key not in shared:
-                shared[key] = _fake_quantize(graph, node, x, k, g)
+                shared[key] = _fake_quantize(graph, constants, node, x, k, g)
             node.replace_input_with(0, shared[key])
             modified = True
         return ir.passes.PassResult(model, modified=modified)
 
 
-def fused_block(graph: ir.Graph, node: ir.Node) -> tuple[int, int] | None:
+def _fused_block(graph: ir.Graph, node: ir.Node) -> tuple[int, int] | None:
     """(K, G) when ORT would fuse this node into a 4-bit MatMulNBits, else None."""
     if node.op_type != "MatMul" or node.domain != "":
         return None
     a, b = node.inputs
     if a is None or b is None or _is_dequantize(a) or not _is_dequantize(b):
         return None
+    if a.producer() is not None and _MARK in a.producer().metadata_props:
+        return None  # already emulated
     if len(b.uses()) != 1 or b in graph.outputs:
         return None
     if any(use.node.op_type == "QuantizeLinear" for use in node.outputs[0].uses()):
@@ -106,12 +111,26 @@ def _is_constant_initializer(graph: ir.Graph, value: ir.Value) -> bool:
     return value.is_initializer() and value.const_value is not None and value not in graph.inputs
 
 
-def _fake_quantize(graph: ir.Graph, anchor: ir.Node, x: ir.Value, k: int, g: int) -> ir.Value:
+class _Constants:
+    """The small initializers of the fake quantization, one of each per graph."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.values: dict[str, ir.Value] = {}
+
+    def __call__(self, name: str, array: np.ndarray) -> ir.Value:
+        full = f"acc4.{name}"
+        if full not in self.values:
+            existing = self.graph.initializers.get(full)
+            self.values[full] = existing if existing is not None else add_initializer(self.graph, full, array)
+        return self.values[full]
+
+
+def _fake_quantize(graph: ir.Graph, const: _Constants, anchor: ir.Node, x: ir.Value, k: int, g: int) -> ir.Value:
     """x [..., K] -> q * scale with MLAS's per-row, per-K-block int8 quantization."""
     p = f"{anchor.name}/acc4"
     blocks = -(-k // g)
     padded = blocks * g
-    const = lambda suffix, array: add_initializer(graph, f"{p}.{suffix}", np.asarray(array))  # noqa: E731
     nodes: list[ir.Node] = []
 
     def op(op_type: str, inputs: list[ir.Value], suffix: str, **attributes: int) -> ir.Value:
@@ -122,28 +141,27 @@ def _fake_quantize(graph: ir.Graph, anchor: ir.Node, x: ir.Value, k: int, g: int
         return new.outputs[0]
 
     last_axis = const("last_axis", np.array([-1], np.int64))
-    rows = op("Shape", [x], "rows_shape", end=-1)
-    if padded != k:
-        pads = const("pads", np.array([0, padded - k], np.int64))
-        zero_pad = const("pad_value", np.array(0.0, np.float32))
-        x_full = op("Pad", [x, pads, zero_pad, last_axis], "pad")
-    else:
-        x_full = x
-    block_dims = const("block_dims", np.array([blocks, g], np.int64))
-    blocked = op("Reshape", [x_full, op("Concat", [rows, block_dims], "blocked_shape", axis=0)], "blocked")
-    amax = op("ReduceMax", [op("Abs", [blocked], "abs"), last_axis], "amax", keepdims=1)
     qmax = const("qmax", np.array(float(INT8_MAX), np.float32))
     zero = const("zero", np.array(0.0, np.float32))
+    rows = op("Shape", [x], "rows_shape", end=-1)
+    x_full = x
+    if padded != k:
+        pads = const(f"pads_{padded - k}", np.array([0, padded - k], np.int64))
+        x_full = op("Pad", [x, pads, zero, last_axis], "pad")
+    block_dims = const(f"block_dims_{blocks}x{g}", np.array([blocks, g], np.int64))
+    blocked = op("Reshape", [x_full, op("Concat", [rows, block_dims], "blocked_shape", axis=0)], "blocked")
+    amax = op("ReduceMax", [op("Abs", [blocked], "abs"), last_axis], "amax", keepdims=1)
     scale = op("Div", [amax, qmax], "scale")
     inverse = op("Where", [op("Equal", [amax, zero], "all_zero"), zero, op("Div", [qmax, amax], "reciprocal")],
                  "inverse")
     q = op("Round", [op("Mul", [blocked, inverse], "scaled")], "q")
     fake = op("Mul", [q, scale], "dequantized")
-    flat_dims = const("flat_dims", np.array([padded], np.int64))
+    flat_dims = const(f"flat_dims_{padded}", np.array([padded], np.int64))
     flat = op("Reshape", [fake, op("Concat", [rows, flat_dims], "flat_shape", axis=0)], "flat")
     if padded != k:
-        starts, ends = const("starts", np.array([0], np.int64)), const("ends", np.array([k], np.int64))
+        starts, ends = const("starts_0", np.array([0], np.int64)), const(f"ends_{k}", np.array([k], np.int64))
         flat = op("Slice", [flat, starts, ends, last_axis], "unpad")
     for new in nodes:
         graph.insert_before(anchor, new)
+    flat.producer().metadata_props[_MARK] = f"K={k} G={g}"
     return flat

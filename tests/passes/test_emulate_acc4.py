@@ -126,6 +126,14 @@ def test_zero_block_quantizes_to_zero(tmp_path):
     np.testing.assert_allclose(got[0], reference[0], rtol=0, atol=2e-6 * np.abs(reference[0]).max())
 
 
+def test_second_run_changes_nothing():
+    emulated = _quantized(80, 32, symmetric=False)
+    assert EmulateAcc4Pass()(emulated).modified
+    before = ir.to_proto(emulated).SerializeToString()
+    assert not EmulateAcc4Pass()(emulated).modified
+    assert ir.to_proto(emulated).SerializeToString() == before
+
+
 def test_float_and_8bit_graphs_are_left_alone():
     model, w = _build(64)
     before = ir.to_proto(model).SerializeToString()

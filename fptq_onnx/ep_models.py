@@ -51,7 +51,7 @@ def cpu_arithmetic_copy(path: Path, directory: Path) -> Path:
     passes = [EmulateAcc4Pass()] if level == "4" else []
     model = run_passes(model, [*passes, FloatQdqPass()])
     out = directory / path.name
-    save_model(model, out)
+    save_model(model, out, external=True)  # always: loaded tensors still point at the original's data file
     return out
 
 

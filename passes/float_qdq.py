@@ -92,7 +92,7 @@ class FloatQdqPass(ir.passes.InPlacePass):
                 u.op_type != "DequantizeLinear" or u.domain != "" for u in uses):
             return False
         dtype = _output_dtype(q)
-        if dtype not in _RANGES or not all(_broadcasts(n) for n in (q, *uses)):
+        if dtype not in _RANGES or not all(_broadcasts(n, q.inputs[0].shape) for n in (q, *uses)):
             return False
         zps = [_zero_point(n) for n in (q, *uses)]
         if any(z is False for z in zps):
@@ -138,24 +138,22 @@ def _zero_point(node: ir.Node) -> np.ndarray | None | bool:
     return None if not np.any(zp) else zp.astype(np.float32)
 
 
-def _broadcasts(node: ir.Node) -> bool:
-    """Whether the node's scale (and zero point) broadcast against its input with numpy rules as they stand."""
-    x, scale = node.inputs[0], node.inputs[1]
-    scale_shape = scale.shape
-    if scale_shape is None:
-        return False
-    if scale_shape.rank() == 0 or (scale_shape.rank() == 1 and scale_shape[0] == 1):
-        return True
-    rank = None if x.shape is None else x.shape.rank()
-    axis = _attr(node, "axis", 1)
+def _broadcasts(node: ir.Node, shape: ir.Shape | None) -> bool:
+    """Whether the node's scale (and zero point) broadcast with numpy rules against data of `shape` (the Q's
+    input, which a DQ's input shares) as they stand."""
+    scale_shape = node.inputs[1].shape
     block = _attr(node, "block_size", 0)
-    if rank is None:
+    if block == 0 and scale_shape is not None and (
+            scale_shape.rank() == 0 or (scale_shape.rank() == 1 and scale_shape[0] == 1)):
+        return True
+    if shape is None:
         return False
-    last = axis % rank == rank - 1
+    rank, axis = shape.rank(), _attr(node, "axis", 1)
     if block == 0:
-        return scale_shape.rank() == 1 and last
-    width = x.shape[axis]
-    return scale_shape.rank() == rank and isinstance(width, int) and block >= width
+        return scale_shape is not None and scale_shape.rank() == 1 and axis % rank == rank - 1
+    # blocked: one block spanning the axis means a scale of x's shape with 1 there, which broadcasts
+    width = shape[axis]
+    return isinstance(width, int) and block >= width
 
 
 def _float(graph: ir.Graph, name: str, value) -> ir.Value:

@@ -185,26 +185,31 @@ def compare_command(
         report["model"] = build_models(model_arg, todo, calibration, verify, allow_pickle, stream, device, progress)
     entries = {row["spec"].label: _entry(row, previous, task_names, eval_key) for row in table}
     report["methods"] = entries
-    to_score = [row for row in table if entries[row["spec"].label].get("missing")]
+    to_score = [row for row in table if "error" not in entries[row["spec"].label]
+                and entries[row["spec"].label]["missing"]]
     settings = (data_dir, seqlen, limit, item_limit, provider, threads)
+    parallel = jobs > 1 and len(to_score) > 1
     for i, row in enumerate(table, 1):
-        say(f"[{i}/{len(table)}] {row['spec'].text} -> {row['path']} ({row['fmt']})"
-            + ("" if row["built"] else ", reusing the existing " + (
-                "float export" if row["spec"].is_float else "converted model (manifest matches)")))
-    if jobs > 1 and len(to_score) > 1:
+        entry = entries[row["spec"].label]
+        _say_row(i, len(table), row, entry)
+        if "error" in entry:
+            say(f"  {row['spec'].label} FAILED: {entry['error']}")
+            continue
+        if not entry["missing"]:
+            _finish(entry, {"results": {}}, task_names, 0.0)
+        if parallel or row not in to_score:
+            continue
+        method_start = time.perf_counter()
+        with step(f"evaluating {row['spec'].label} through ONNX Runtime ({', '.join(entry['missing'])}) "
+                  f"on the {provider} EP"):
+            try:
+                outcome = {"results": score_model(row["path"], entry["missing"], *settings, progress)}
+            except FptqError as exc:
+                outcome = {"error": str(exc)}
+        _finish(entry, outcome, task_names, time.perf_counter() - method_start)
+        write_outputs(report, out_dir)
+    if parallel:
         _score_in_processes(to_score, entries, settings, jobs, report, out_dir, task_names)
-    else:
-        for row in to_score:
-            entry = entries[row["spec"].label]
-            method_start = time.perf_counter()
-            with step(f"evaluating {row['spec'].label} through ONNX Runtime on {provider} "
-                      f"({', '.join(entry['missing'])})"):
-                try:
-                    outcome = {"results": score_model(row["path"], entry["missing"], *settings, progress)}
-                except FptqError as exc:
-                    outcome = {"error": str(exc)}
-            _finish(entry, outcome, task_names, time.perf_counter() - method_start)
-            write_outputs(report, out_dir)
     for entry in entries.values():
         entry.pop("missing", None)
         entry.setdefault("seconds", 0.0)
@@ -222,7 +227,6 @@ def _entry(row: dict, previous: dict, task_names: list[str], eval_key: dict) -> 
                    "config": None if row["config"] is None else _jsonable(dataclasses.asdict(row["config"]))}
     if row.get("error"):
         entry["error"] = row["error"]
-        say(f"  {spec.label} FAILED: {row['error']}")
         return entry
     manifest = row["manifest"]
     entry["describe"] = describe_manifest(manifest)
@@ -230,14 +234,19 @@ def _entry(row: dict, previous: dict, task_names: list[str], eval_key: dict) -> 
     if manifest is not None and manifest.get("parity"):
         entry["parity"] = manifest["parity"]
     cached = {} if row["built"] else cached_scores(previous, spec.label, spec, eval_key, entry["size_bytes"])
-    if cached:
-        say(f"  {spec.label}: reusing the existing scores ({', '.join(cached)})")
     entry["results"] = cached
     entry["eval"] = eval_key
     entry["missing"] = [task for task in task_names if task not in cached]
-    if not entry["missing"]:
-        _finish(entry, {"results": {}}, task_names, 0.0)
     return entry
+
+
+def _say_row(i: int, n: int, row: dict, entry: dict) -> None:
+    """The row's progress line: what is built or reused, and which scores are reused."""
+    say(f"[{i}/{n}] {row['spec'].text} -> {row['path']} ({row['fmt']})"
+        + ("" if row["built"] else ", reusing the existing " + (
+            "float export" if row["spec"].is_float else "converted model (manifest matches)")))
+    if entry.get("results"):
+        say(f"  {row['spec'].label}: reusing the existing scores ({', '.join(entry['results'])})")
 
 
 def _finish(entry: dict, outcome: dict, task_names: list[str], seconds: float) -> None:

@@ -58,17 +58,21 @@ def run_scorer(scorer: Scorer, ids: Sequence[int]) -> np.ndarray:
 
 
 def token_logprobs(logits: np.ndarray, targets: Sequence[int] | np.ndarray) -> np.ndarray:
-    """log p(targets[i] | logits[i]) for every row, in float64, chunked over rows.
+    """log p(targets[i] | logits[i]) for every row, chunked over rows; the sum of exponentials in float64.
 
-    Chunking keeps the [rows, V] float temporaries small for V ~ 50k-150k and
-    T = 2048; float64 accumulation makes a uniform model give exactly log V.
+    Chunking keeps the [rows, V] temporaries small for V ~ 50k-150k and T = 2048. The
+    exponentials stay in the logits' float32 (fp16 logits go up to float32) (a float64 copy of a 2048 x 49152 window
+    made this the scoring bottleneck on a GPU host: every process 100% busy here) and
+    are summed in float64, so a uniform model still gives exactly log V and a window's
+    log-probabilities move by ~1e-8 against an all-float64 computation.
     """
     targets = np.asarray(targets, dtype=np.int64)
     out = np.empty(len(targets), dtype=np.float64)
     for start in range(0, len(targets), _ROW_CHUNK):
-        rows = logits[start : start + _ROW_CHUNK].astype(np.float64)
+        rows = logits[start : start + _ROW_CHUNK]
+        rows = rows.astype(np.promote_types(rows.dtype, np.float32), copy=False)  # fp16 logits: exp in float32
         peak = rows.max(axis=-1, keepdims=True)
-        lse = np.log(np.exp(rows - peak).sum(axis=-1)) + peak[:, 0]
+        lse = np.log(np.exp(rows - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
         picked = rows[np.arange(len(rows)), targets[start : start + len(rows)]]
         out[start : start + len(rows)] = picked - lse
     return out

@@ -18,7 +18,7 @@ import pytest
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.evaluation import evaluate, known_tasks
-from fptq_onnx.evaluation.perplexity import encode, perplexity_of_file, tokenize_for_windows
+from fptq_onnx.evaluation.perplexity import encode, perplexity_of_file, token_logprobs, tokenize_for_windows
 from fptq_onnx.evaluation.scoring import encode_pair
 
 ALPHABET = " \n.,:?!='()abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
@@ -553,3 +553,18 @@ def test_batched_scores_equal_unbatched_on_tiny_onnx(tiny_onnx, tmp_path: Path) 
     for task in fast:
         for key, value in metrics(slow[task]).items():
             assert fast[task][key] == (pytest.approx(value, rel=1e-6) if isinstance(value, float) else value)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16])
+def test_token_logprobs_match_a_float64_log_softmax(dtype) -> None:
+    """float32 exponentials summed in float64 give the all-float64 log-softmax to ~1e-6, fp16 logits included."""
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((600, 5000)) * 4 + 20).astype(dtype)  # 600 rows: more than one chunk
+    targets = rng.integers(0, 5000, 600)
+    wide = logits.astype(np.float64)
+    reference = wide[np.arange(600), targets] - np.log(np.exp(wide - wide.max(-1, keepdims=True)).sum(-1)) \
+        - wide.max(-1)
+    got = token_logprobs(logits, targets)
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, reference, rtol=0, atol=2e-5)
+    assert np.all(token_logprobs(np.zeros((3, 5000), dtype), [0, 1, 2]) == -np.log(5000))

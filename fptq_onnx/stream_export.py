@@ -121,8 +121,28 @@ def _save_traced(model: ir.Model, path: Path, model_tensors: set[str]) -> None:
     os.replace(tmp, path)
 
 
-def trace_structure(skeleton: torch.nn.Module, spec: ArchSpec) -> ir.Model:
-    """torch.onnx.export (dynamo) of the meta-device model, unoptimized, initializers without values."""
+def trace_structure(skeleton: torch.nn.Module, spec: ArchSpec, replicate: bool = True) -> ir.Model:
+    """torch.onnx.export (dynamo) of the meta-device model, unoptimized, initializers without values.
+
+    With `replicate`, only the first few decoder layers are traced and the rest copied
+    from the middle one (fptq_onnx.layer_replicas): the trace then costs the same for any depth.
+    """
+    from fptq_onnx.layer_replicas import NotReplicable, first_layers, replicate_layers, traced_layers
+
+    layers = skeleton.config.num_hidden_layers
+    count = traced_layers(skeleton.config) if replicate else layers
+    if count == layers:
+        return _trace(skeleton, spec)
+    with first_layers(skeleton, spec, count):
+        model = _trace(skeleton, spec)
+    try:
+        replicate_layers(model, spec, _WRAPPER_PREFIX, count, layers)
+    except NotReplicable:
+        return _trace(skeleton, spec)
+    return model
+
+
+def _trace(skeleton: torch.nn.Module, spec: ArchSpec) -> ir.Model:
     from torch.export import Dim
 
     from fptq_onnx.export import OPSET, KVCacheWrapper, _eager_attention, _quiet_loggers, example_inputs

@@ -194,3 +194,30 @@ def test_meta_trace_keeps_scalar_constants():
     (constant,) = program.model.graph.initializers.values()
     assert constant.const_value.numpy().tolist() == 0.0
     assert torch.tensor(1.0, device="meta").is_meta  # the patch ends with the trace
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_skipped_rewrite_rules_change_nothing(arch, monkeypatch, tmp_path) -> None:
+    """The optimizer without the slow rules it skips finishes the same bytes as with every rule."""
+    import onnx_ir as ir
+    import torch
+    from tiny import tiny_model
+    from transformers import AutoModelForCausalLM
+
+    from fptq_onnx import stream_export
+    from fptq_onnx.models.registry import spec_for
+
+    real = tiny_model(arch)
+    values = {k: v.detach().numpy() for k, v in real.state_dict().items()}
+    values.update({k: v.numpy() for k, v in real.named_buffers()})
+    spec = spec_for(arch)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(real.config, dtype=torch.float32).eval()
+    linears = {n for n, m in skeleton.named_modules()
+               if isinstance(m, torch.nn.Linear) and n.startswith(spec.layers_path + ".")}
+    finished = []
+    for skipped in (stream_export._SKIPPED_REWRITE_RULES, frozenset()):  # traced once, then from the cache
+        monkeypatch.setattr(stream_export, "_SKIPPED_REWRITE_RULES", skipped)
+        model = stream_export.export_structure(skeleton, spec, values.__getitem__, linears, tmp_path / "trace.onnx")
+        finished.append(ir.to_proto(model).SerializeToString())
+    assert finished[0] == finished[1]

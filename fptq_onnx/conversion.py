@@ -144,9 +144,13 @@ def parity_from_logits(ref32: np.ndarray, ref64: np.ndarray | None, path: Path, 
 class Conversion:
     """One method's output files (one per format), filled layer by layer; a sink of the walk."""
 
-    def __init__(self, structure: ir.Model, paths: dict[str, Path], stage, reference: ParityReference | None) -> None:
+    def __init__(self, structure: ir.Model, paths: dict[str, Path], stage, reference: ParityReference | None,
+                 hold: frozenset[str] | set[str] = frozenset()) -> None:
+        """`hold`: initializers save()'s lm_head passes replace (`replaced_tables`): the layer walk does
+        not write them out, or their dead fp32 bytes would stay in the external-data file."""
         self.paths = paths
         self.graphs = {fmt: structure.clone() for fmt in paths}
+        self.hold = hold
         self.staged = {fmt: stage(path.name) for fmt, path in paths.items()}
         self.writers = {fmt: ExternalDataWriter(stage(data_file_name(path))) for fmt, path in paths.items()}
         self.reference = reference
@@ -155,7 +159,7 @@ class Conversion:
         for fmt, graph in self.graphs.items():
             fill_layer(graph.graph, prefix, layer, plan)
             run_passes(graph, ALL_FORMATS[fmt].passes(plan))
-            self.writers[fmt].spill(graph.graph)
+            self.writers[fmt].spill(graph.graph, self.hold)
         if self.reference is not None:
             self.reference.layer(index, prefix, layer, plan)
 

@@ -131,16 +131,18 @@ def convert_command(model_arg: str | None, out: Path, options: ConvertOptions) -
     source = open_source(model_arg, stream, options.allow_pickle, calib, len(paths), max_memory)
     tokens = calibration_tokens(calib, source.tokenizer, source.config.vocab_size)
     structure = graph_structure(source)
-    embedding = None
+    embedding, hold = None, set()
     if options.quantize_lm_head:
         from fptq_onnx.algorithms.lm_head import add_lm_head, tied_embedding
+        from fptq_onnx.passes.quantize_lm_head import replaced_tables
 
         embedding = tied_embedding(source.skeleton)
+        hold = replaced_tables(structure.graph, embedding is not None)
     with staged_outputs(out.parent) as stage:
         reference = None
         if options.verify:
             reference = ParityReference(source, parity_text_ids(source.tokenizer), paths, embedding)
-        conversion = Conversion(structure, paths, stage, reference)
+        conversion = Conversion(structure, paths, stage, reference, hold)
         run = MethodRun(algorithm, config, [conversion], keep_weights=False)
         try:
             with step(f"walking the layers ({options.method}, {calib.source} {tokens.shape[0]} x {tokens.shape[1]} "

@@ -296,12 +296,14 @@ class ExternalDataWriter:
         self.file = open(self.path, "wb")
         self.offset = 0
 
-    def spill(self, graph: ir.Graph) -> int:
-        """Write every in-memory initializer >= MIN_BYTES; returns the bytes written."""
+    def spill(self, graph: ir.Graph, hold: frozenset[str] | set[str] = frozenset()) -> int:
+        """Write every in-memory initializer >= MIN_BYTES but those named in `hold` (a later pass
+        replaces them: written now, their bytes would stay in the file unread); returns the bytes written."""
         written = 0
         for name, value in graph.initializers.items():
             tensor = value.const_value
-            if tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.MIN_BYTES:
+            if (tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.nbytes < self.MIN_BYTES
+                    or name in hold):
                 continue
             data = tensor.tobytes()
             pad = -self.offset % self.ALIGN

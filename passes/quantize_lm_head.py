@@ -38,18 +38,39 @@ class QuantizeLmHeadPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, modified=True)
 
 
+def replaced_tables(graph: ir.Graph, embedding: bool) -> set[str]:
+    """Names of the fp32 initializers the pass may replace (the lm_head weight, the embedding
+    table if `embedding`): a writer that spills weights before the pass runs holds these back,
+    or their dead fp32 bytes stay in the external-data file.  (A tied table the pass keeps, as
+    without `embedding`, is merely written later.)"""
+    _, weight, transpose = _logits_weight(graph)
+    names = {(transpose.inputs[0] if transpose is not None else weight).name} if weight is not None else set()
+    ids = next((v for v in graph.inputs if v.name == INPUT_IDS), None)
+    if embedding and ids is not None:
+        names |= {use.node.inputs[0].name for use in ids.uses() if use.node.op_type == "Gather" and use.idx == 1}
+    return names
+
+
+def _logits_weight(graph: ir.Graph) -> tuple[ir.Node | None, ir.Value | None, ir.Node | None]:
+    """(the MatMul producing the logits, its B, the [1, 0] Transpose of a constant producing B or None)."""
+    output = next((v for v in graph.outputs if v.name == LOGITS), None)
+    node = None if output is None else output.producer()
+    weight = None if node is None or node.op_type != "MatMul" else node.inputs[1]
+    transpose = None if weight is None else weight.producer()
+    if (transpose is None or transpose.op_type != "Transpose" or transpose.inputs[0].const_value is None
+            or list(transpose.attributes.get_ints("perm", [1, 0])) != [1, 0]):
+        transpose = None
+    return node, weight, transpose
+
+
 def _logits_matmul(graph: ir.Graph) -> ir.Node:
     """The MatMul producing the logits, with B made a constant [K, V] initializer of its own.
 
     The exporter folds a tied lm_head's transpose of the embedding into a constant for small
     tables but leaves a Transpose node for large ones (SmolLM2's); that is folded here.
     """
-    output = next((v for v in graph.outputs if v.name == LOGITS), None)
-    node = None if output is None else output.producer()
-    weight = None if node is None or node.op_type != "MatMul" else node.inputs[1]
-    transpose = None if weight is None else weight.producer()
-    if (transpose is not None and transpose.op_type == "Transpose" and transpose.inputs[0].const_value is not None
-            and list(transpose.attributes.get_ints("perm", [1, 0])) == [1, 0]):
+    node, weight, transpose = _logits_weight(graph)
+    if transpose is not None:
         source = transpose.inputs[0]
         node.replace_input_with(1, add_initializer(graph, f"{LM_HEAD}.weight_kn",
                                                    np.ascontiguousarray(source.const_value.numpy().T)))

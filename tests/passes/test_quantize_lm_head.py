@@ -14,7 +14,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.formats import apply_format
-from fptq_onnx.passes.quantize_lm_head import LM_HEAD, QuantizeLmHeadPass
+from fptq_onnx.passes.quantize_lm_head import LM_HEAD, QuantizeLmHeadPass, replaced_tables
 from fptq_onnx.plan import ActMode, EmbeddingPlan, LinearPlan, QuantPlan
 from fptq_onnx.quant import quantize_int4, quantize_int8_per_channel
 
@@ -117,6 +117,20 @@ def test_w4a8_form_lowers_lm_head_to_the_custom_op(transpose):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     qdq = _run(apply_format(_build(), plan, "qdq"))  # the portable form computes the same
     np.testing.assert_allclose(qdq, got, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "w4a8", "native"])
+@pytest.mark.parametrize("transpose", [False, True], ids=["folded", "transpose-node"])
+def test_replaced_tables_are_exactly_what_the_head_passes_remove(transpose, fmt):
+    """A writer holds these back until the passes ran (conversion.Conversion): none may survive them."""
+    before = _build(transpose=transpose)
+    named = replaced_tables(before.graph, embedding=True)
+    assert named == ({"embed"} if transpose else {"embed", "val_7"})
+    assert replaced_tables(before.graph, embedding=False) == ({"embed"} if transpose else {"val_7"})
+    kept = set(before.graph.initializers) - named
+    after = apply_format(before, _head_plan(ActMode.PER_TOKEN), fmt)
+    assert not named & set(after.graph.initializers), fmt
+    assert kept <= set(after.graph.initializers)
 
 
 def test_missing_logits_matmul_errors():

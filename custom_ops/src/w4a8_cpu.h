@@ -114,6 +114,13 @@ struct TileArgs {
   const int8_t* q_tiles;
 };
 
+// Blocks of 8 k-elements of group g that hold weights: G/8, fewer for a ragged last
+// group (K = 576, G = 128: 8 of its 16).  The rest are padding (zero activations),
+// so the SIMD tiles skip them: 10% of the work and of a decode step's weight reads there.
+inline int64_t GroupBlocks(const TileArgs& a, int64_t g) {
+  return g + 1 < a.n_groups ? a.G / 8 : (a.K - g * a.G + 7) / 8;
+}
+
 using QuantizeRowsFn = void (*)(const QuantArgs&, int64_t r0, int64_t r1);
 // Rows [r0, r1) x panels [p0, p1).
 using TileFn = void (*)(const TileArgs&, int64_t r0, int64_t r1, int64_t p0, int64_t p1);

@@ -58,7 +58,7 @@ FPTQ_TGT512 static inline void StorePanel(const TileArgs& a, int64_t row, int64_
 // row's group sum of q, then facc += scale * isum.
 template <int R, int P>
 FPTQ_TGT512 static void TileRows(const TileArgs& a, int64_t r0, int64_t p) {
-  const int64_t G = a.G, blocks = G / 8, ng = a.n_groups;
+  const int64_t G = a.G, ng = a.n_groups;
   const int64_t panel_bytes = ng * G * 8;  // ng * G/8 blocks of 64 bytes
   const __m512i m4 = _mm512_set1_epi8(0x0F);
   const uint8_t* wp[P];
@@ -90,6 +90,7 @@ FPTQ_TGT512 static void TileRows(const TileArgs& a, int64_t r0, int64_t p) {
       }
     const uint8_t* wg[P];
     for (int i = 0; i < P; ++i) wg[i] = wp[i] + g * G * 8;
+    const int64_t blocks = GroupBlocks(a, g);
     for (int64_t t = 0; t < blocks; ++t) {
       __m512i lo[P], hi[P];
       for (int i = 0; i < P; ++i) {

@@ -24,6 +24,7 @@ import torch
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.passes.rsqrt_as_div import RsqrtAsDivPass
 
 OPSET = 21
 _SCOPES_KEY = "pkg.torch.onnx.name_scopes"
@@ -117,6 +118,7 @@ def export_float(model: torch.nn.Module, spec: ArchSpec) -> ir.Model:
             raise FptqError(f"torch.onnx.export failed for {config.model_type}: {str(exc).splitlines()[0]}") from exc
     ir_model = program.model
     canonicalize(ir_model, model, spec)
+    RsqrtAsDivPass()(ir_model)
     _name_dims(ir_model, spec, layers)
     ir_model.producer_name = "fptq-onnx"
     return ir_model

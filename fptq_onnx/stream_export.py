@@ -46,6 +46,7 @@ import torch
 
 from fptq_onnx.errors import FptqError
 from fptq_onnx.models.registry import ArchSpec
+from fptq_onnx.passes.rsqrt_as_div import RsqrtAsDivPass
 from fptq_onnx.saving import pause_point
 
 PLACEHOLDER = "fptq-streaming-placeholder"
@@ -232,6 +233,7 @@ def finish_structure(model: ir.Model, skeleton: torch.nn.Module, spec: ArchSpec,
         return np.ascontiguousarray(values(param)).astype(np.float32)
 
     canonicalize(model, skeleton, spec, weight_of)
+    RsqrtAsDivPass()(model)
     _name_dims(model, spec, layers)
     _stable_names(model.graph)
     model.producer_name = "fptq-onnx"

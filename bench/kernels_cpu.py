@@ -6,8 +6,9 @@ com.microsoft.MatMulNBits (4 bits, block 128) accuracy_level 4; ORT's int8
 com.microsoft.DynamicQuantizeMatMul (the fused form of DynamicQuantizeLinear +
 MatMulInteger); ours static and per_token (and, when AMX is used, per_token forced
 to the zmm kernels).  Prints the CPU model, ISA flags and our kernel path, a markdown
-table and whether the issue-16 targets are met; writes it all to bench/kernels_cpu.md
-(--out).  No assertions.
+table and whether the issue-16 targets are met, beside the most this CPU allows any kernel
+(bench/roofline.py: int8 dot peak, cold-read bandwidth); writes it all to
+bench/kernels_cpu.md (--out).  No assertions.
 
     python bench/kernels_cpu.py            # full (minutes)
     python bench/kernels_cpu.py --quick    # 4096x4096 only
@@ -24,12 +25,15 @@ import statistics
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
 from fptq_onnx import custom_ops
+
+import roofline  # bench/roofline.py (the script's directory is on sys.path)
 
 SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096)]  # K x N
 MS = [1, 512]
@@ -168,6 +172,57 @@ def kernel_path(M: int) -> str:
     return _lib().fptq_ops_kernel_path(M).decode()
 
 
+class Ratio(NamedTuple):
+    """One target row: the peer's median ms and ours per_token / static against it (> 1: ours faster)."""
+
+    K: int
+    N: int
+    M: int
+    threads: int
+    peer_ms: float
+    per_token: float
+    static: float
+
+
+def weight_bytes(K: int, N: int) -> int:
+    """Bytes a decode step must read: int4 weights + float32 group scales (ours and MatMulNBits alike)."""
+    return K * N // 2 + -(-K // G) * N * 4
+
+
+def measure_ceilings(shapes) -> dict:
+    """{threads: (int8 MACs/s, {(K, N): cold-read bytes/s of that shape's int4 weights})}; None where unknown."""
+    return {
+        threads: (roofline.int8_macs_per_s(threads),
+                  {(K, N): roofline.cold_read_bytes_per_s(weight_bytes(K, N), threads) for K, N in shapes})
+        for threads in THREADS
+    }
+
+
+def ceiling_lines(ceilings: dict) -> list[str]:
+    lines = []
+    for threads, (macs, reads) in ceilings.items():
+        peak = f"{macs / 1e9:.0f} GMAC/s" if macs else "unknown (no C compiler or no AVX-512 VNNI)"
+        bw = ", ".join(f"{K}x{N} ({weight_bytes(K, N) / 1e6:.1f} MB): " + (f"{r / 1e9:.1f} GB/s" if r else "unknown")
+                       for (K, N), r in reads.items())
+        lines.append(f"- {threads} thread(s): zmm vpdpbusd peak {peak}; cold read of the int4 weights {bw}")
+    return lines
+
+
+def ceiling_text(rs, ceilings: dict, M: int, threads: int, info: dict) -> str:
+    """'ceiling ...': the peer's ms over this CPU's floor for the work, per shape."""
+    macs, reads = ceilings[threads]
+    if M > 1 and "amx_int8" in info["isa_flags"].split():
+        return "ceiling not measured (the int8 peer uses AMX tiles, whose peak the probes do not measure)"
+    cells = []
+    for r in rs:
+        rate = macs if M > 1 else reads[(r.K, r.N)]
+        if rate is None:
+            return "ceiling unknown"
+        floor_ms = (M * r.K * r.N if M > 1 else weight_bytes(r.K, r.N)) / rate * 1e3
+        cells.append(f"{r.K}x{r.N}: {r.peer_ms / floor_ms:.2f}x")
+    return "ceiling (" + ("int8 dot peak" if M > 1 else "cold-read bandwidth") + "): " + ", ".join(cells)
+
+
 VARIANT_LABELS = {
     "fp32": "fp32 MatMul",
     "nbits_acc4": "NBits acc4",
@@ -193,6 +248,9 @@ def main() -> None:
     paths = {M: kernel_path(M) for M in MS}
     print(f"machine: {info['model']}, {info['cores']} CPUs; ISA flags: {info['isa_flags']}")
     print(f"our kernel variant: {isa}; path by M: " + ", ".join(f"M={M}: {p}" for M, p in paths.items()), flush=True)
+    ceilings = measure_ceilings(shapes)
+    for line in ceiling_lines(ceilings):
+        print(line)
     rng = np.random.default_rng(0)
 
     variants = list(VARIANT_LABELS)
@@ -204,7 +262,7 @@ def main() -> None:
     )
     sep = "|" + "---|" * (len(variants) + 8)
     tables = {"median": [], "min": []}
-    ratios = []  # (K, N, M, threads, target peer, ratio per_token, ratio static)
+    ratios: list[Ratio] = []
     print(header)
     print(sep, flush=True)
     for K, N in shapes:
@@ -230,7 +288,7 @@ def main() -> None:
                     tables[stat].append(row)
                     if stat == "median":
                         peer, _ = TARGETS[M]
-                        ratios.append((K, N, M, threads, peer, t[peer] / pt, t[peer] / st))
+                        ratios.append(Ratio(K, N, M, threads, t[peer], t[peer] / pt, t[peer] / st))
                 print(tables["median"][-1], flush=True)
             del sessions
         del models
@@ -238,12 +296,12 @@ def main() -> None:
     target_lines = []
     for M, (peer, goal) in TARGETS.items():
         for threads in THREADS:
-            rs = [r for r in ratios if r[2] == M and r[3] == threads]
-            cells = ", ".join(f"{K}x{N}: {pt:.2f}x (static {st:.2f}x)" for K, N, _, _, _, pt, st in rs)
-            met = all(pt >= goal for *_, pt, _ in rs)
+            rs = [r for r in ratios if r.M == M and r.threads == threads]
+            cells = ", ".join(f"{r.K}x{r.N}: {r.per_token:.2f}x (static {r.static:.2f}x)" for r in rs)
+            met = all(r.per_token >= goal for r in rs)
             target_lines.append(
                 f"- M={M}, {threads} thread(s), ours per_token vs {VARIANT_LABELS[peer]} >= {goal}x: "
-                f"{'MET' if met else 'NOT met'} ({cells})"
+                f"{'MET' if met else 'NOT met'} ({cells}); {ceiling_text(rs, ceilings, M, threads, info)}"
             )
     for line in target_lines:
         print(line)
@@ -268,7 +326,14 @@ def main() -> None:
             "",
             "## Targets (medians)",
             "",
+            "The ceiling after each target is the peer's median over the floor below: the most any",
+            "kernel could beat that peer by on this CPU.",
+            "",
             *target_lines,
+            "",
+            "## What this CPU allows (bench/roofline.py, measured before the timings)",
+            "",
+            *ceiling_lines(ceilings),
             "",
             "## Median ms",
             "",
